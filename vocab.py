@@ -1,0 +1,127 @@
+"""SCAN-compatible vocabulary and the project's one tokenizer.
+
+    python vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab] [--threshold 4]
+
+writes ``{vocab_path}/{data_name}_vocab.json`` in SCAN's JSON format, so SCAN's published
+vocab files and ``from vocab import Vocabulary, deserialize_vocab`` work unchanged.
+"""
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+SPECIALS = ('<pad>', '<start>', '<end>', '<unk>')  # ids 0..3, as in SCAN
+
+
+class Vocabulary:
+    """word <-> id map; ``vocab(word)`` gives ``<unk>``'s id for unknown words."""
+
+    def __init__(self):
+        self.word2idx, self.idx2word, self.idx = {}, {}, 0
+
+    def add_word(self, word: str):
+        if word not in self.word2idx:
+            self.word2idx[word] = self.idx
+            self.idx2word[self.idx] = word
+            self.idx += 1
+
+    def __call__(self, word: str) -> int:
+        return self.word2idx.get(word, self.word2idx['<unk>'])
+
+    def __len__(self):
+        return len(self.word2idx)
+
+
+def tokenize(caption: str) -> list:
+    """The one tokenizer: lower-case, then NLTK's Treebank word tokenizer (no model needed)."""
+    from nltk.tokenize import word_tokenize  # imported here: importing nltk costs ~0.5 s
+    return word_tokenize(caption.lower(), preserve_line=True)
+
+
+def encode(vocab: Vocabulary, tokens: list) -> list:
+    """Token list -> ids ``[<start>] + ids + [<end>]``."""
+    return [vocab('<start>')] + [vocab(t) for t in tokens] + [vocab('<end>')]
+
+
+def read_captions(path: str) -> list:
+    """One caption per line (UTF-8). Raises ValueError naming the file and line of an empty one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'caption file not found: {path}')
+    with open(path, encoding='utf-8') as f:
+        caps = [line.strip() for line in f]
+    for n, cap in enumerate(caps, 1):
+        if not cap:
+            raise ValueError(f'{path}: line {n} is an empty caption')
+    return caps
+
+
+def serialize_vocab(vocab: Vocabulary, path: str):
+    """Write SCAN's format: {"word2idx": ..., "idx2word": {"0": ...}, "idx": N}, atomically."""
+    d = {'word2idx': vocab.word2idx, 'idx2word': {str(k): w for k, w in vocab.idx2word.items()},
+         'idx': vocab.idx}
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(d, f)
+    os.replace(tmp, path)
+
+
+def deserialize_vocab(path: str) -> Vocabulary:
+    """Load a vocab file in SCAN's format; ValueError naming the file when it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'vocabulary file not found: {path} (build it with vocab.py)')
+    try:
+        with open(path, encoding='utf-8') as f:
+            d = json.load(f)
+        vocab = Vocabulary()
+        vocab.word2idx = {str(w): int(i) for w, i in d['word2idx'].items()}
+        vocab.idx2word = {int(i): str(w) for i, w in d['idx2word'].items()}
+        vocab.idx = int(d['idx'])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f'{path}: not a SCAN vocabulary JSON with word2idx, idx2word, idx ({e!r})')
+    missing = [w for w in SPECIALS if w not in vocab.word2idx]
+    if missing:
+        raise ValueError(f'{path}: vocabulary lacks the special tokens {missing}')
+    return vocab
+
+
+def build_vocab(data_path: str, data_name: str, threshold: int = 4,
+                splits=('train', 'dev')) -> Vocabulary:
+    """Count tokens over ``splits``' captions; keep words with count >= threshold after the specials."""
+    from tqdm import tqdm
+    counter = Counter()
+    for split in splits:
+        path = os.path.join(data_path, data_name, f'{split}_caps.txt')
+        for cap in tqdm(read_captions(path), desc=f'tokenizing {split}', unit='cap',
+                        mininterval=1.0, disable=None):
+            counter.update(tokenize(cap))
+    vocab = Vocabulary()
+    for w in SPECIALS:
+        vocab.add_word(w)
+    # Most frequent first, ties alphabetical: deterministic ids across runs and machines.
+    for word, count in sorted(counter.items(), key=lambda wc: (-wc[1], wc[0])):
+        if count >= threshold:
+            vocab.add_word(word)
+    return vocab
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--data_path', required=True)
+    p.add_argument('--data_name', default='f30k_precomp')
+    p.add_argument('--vocab_path', default='vocab')
+    p.add_argument('--threshold', type=int, default=4)
+    args = p.parse_args(argv)
+    try:
+        vocab = build_vocab(args.data_path, args.data_name, args.threshold)
+    except (OSError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    os.makedirs(args.vocab_path, exist_ok=True)
+    out = os.path.join(args.vocab_path, f'{args.data_name}_vocab.json')
+    serialize_vocab(vocab, out)
+    print(f'vocabulary of {len(vocab)} words written to {out}')
+    return out
+
+
+if __name__ == '__main__':
+    main()
