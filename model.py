@@ -1,0 +1,307 @@
+"""CASC: SCAN's stacked cross attention plus a multi-label head (Xu et al., TNNLS 2020).
+
+Legend: B batch (n_img == n_cap == B in training), R regions (36), L max words in a batch
+(<start> and <end> included), d embed (1024), K labels (500), H label-head hidden (512).
+
+The all-pairs scores use the exact identities of CASC_SPEC section 8, so no (pairs x L x d)
+tensor ever exists:
+  * one product S = V W^T of all regions with all words serves t2i (words attend to regions)
+    and i2t (regions attend to words);
+  * the attended context c_q = sum_c a_qc x_c is never formed: q . c_q = sum_c a_qc s_qc and
+    ||c_q||^2 = a_q^T G a_q with the context's Gram matrix G (R x R per image, L x L per caption);
+  * the label head's first layer is linear, so W1 mean_q(c_q) = (mean_q a_q)^T (X W1^T): each
+    region and word goes through W1 once, not every pair's context.
+tests/reference.py holds the authors' loop algorithm that these scores are tested against.
+"""
+import math
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-8
+NORMS = ('clipped_l2norm', 'l2norm', 'clipped_l1norm', 'l1norm', 'clipped', 'softmax', 'no_norm')
+AGGS = ('Mean', 'Max', 'Sum', 'LogSumExp')
+
+
+@dataclass(frozen=True)
+class Config:
+    """Model, score and loss hyperparameters (the authors' option names). Defaults = full CASC."""
+    vocab_size: int = 8481
+    word_dim: int = 300
+    embed_size: int = 1024
+    img_dim: int = 2048
+    num_layers: int = 1
+    bi_gru: bool = True
+    precomp_enc_type: str = 'basic'
+    no_imgnorm: bool = False
+    no_txtnorm: bool = False
+    raw_feature_norm: str = 'clipped_l2norm'
+    cross_attn: str = 'all'
+    t2i_agg_func: str = 'Mean'
+    i2t_agg_func: str = 'LogSumExp'
+    lambda_softmax_avg: float = 9.0  # t2i softmax temperature
+    lambda_softmax_lse: float = 4.0  # i2t softmax temperature
+    lambda_lse: float = 5.0
+    num_labels: int = 500  # 0: no label head (CASC-base / SCAN)
+    label_hidden: int = 512
+    alpha: float = 0.8  # weight of the local score in the evaluation score
+    margin: float = 0.2
+    max_violation: bool = True
+    label_weight: float = 10.0
+
+    @classmethod
+    def from_opt(cls, opt: dict, **overrides) -> 'Config':
+        """Build from an options dict (argparse vars or a checkpoint's 'opt'), by field name."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in opt.items() if k in names}, **overrides})
+
+    def __post_init__(self):
+        for name, value, allowed in (('raw_feature_norm', self.raw_feature_norm, NORMS),
+                                     ('t2i_agg_func', self.t2i_agg_func, AGGS),
+                                     ('i2t_agg_func', self.i2t_agg_func, AGGS),
+                                     ('cross_attn', self.cross_attn, ('all', 't2i', 'i2t')),
+                                     ('precomp_enc_type', self.precomp_enc_type, ('basic', 'weight_norm'))):
+            if value not in allowed:
+                raise ValueError(f'--{name} {value!r}: expected one of {", ".join(allowed)}')
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt that is 0 with a zero (not NaN) gradient where x <= 0: zero vectors are padding."""
+    pos = x > 0
+    return torch.where(pos, x, 1.0).sqrt() * pos
+
+
+def l2norm(x: Tensor, dim: int = -1) -> Tensor:
+    """x / (||x||_2 + 1e-8) along dim; all-zero (padded) vectors stay zero with finite gradients."""
+    return x / (safe_sqrt(x.pow(2).sum(dim, keepdim=True)) + EPS)
+
+
+def normalize_raw(x: Tensor, how: str, dim: int, mask: Optional[Tensor]) -> Tensor:
+    """Normalize raw region-word scores along the query axis `dim`; `mask` (broadcastable) marks
+    real words, so padding takes part in no sum, max or softmax."""
+    if how.startswith('clipped'):
+        x = F.leaky_relu(x, 0.1)
+    if mask is not None:
+        x = x * mask
+    if how == 'softmax':
+        return torch.softmax(x if mask is None else x.masked_fill(~mask, -math.inf), dim).nan_to_num(0.0)
+    if how.endswith('l2norm'):
+        return l2norm(x, dim)
+    if how.endswith('l1norm'):
+        return x / (x.abs().sum(dim, keepdim=True) + EPS)
+    return x  # 'clipped', 'no_norm'
+
+
+def aggregate(rel: Tensor, mask: Optional[Tensor], how: str, lambda_lse: float) -> Tensor:
+    """Pool relevances (..., Lq) over the query axis, ignoring masked-out queries -> (...)."""
+    if mask is None:
+        mask = torch.ones_like(rel, dtype=torch.bool)
+    if how == 'Mean':
+        return (rel * mask).sum(-1) / mask.sum(-1)
+    if how == 'Sum':
+        return (rel * mask).sum(-1)
+    if how == 'Max':
+        return rel.masked_fill(~mask, -math.inf).amax(-1)
+    return torch.logsumexp(lambda_lse * rel.masked_fill(~mask, -math.inf), -1) / lambda_lse
+
+
+class Side(NamedTuple):
+    """One modality's items, prepared once for all their pairs (regions of images or words of captions)."""
+    emb: Tensor  # (n, N, d) region or word embeddings, zero on padding
+    mask: Optional[Tensor]  # (n, N) bool, True on real words; None for regions (all real)
+    norm: Tensor  # (n, N) ||x||
+    gram: Tensor  # (n, N, N) x_a . x_b
+    proj: Optional[Tensor]  # (n, N, H) x W1^T, the label head's first layer (bias excluded)
+
+
+class EncoderImage(nn.Module):
+    """Region features (n, R, img_dim) -> l2-normalized embeddings (n, R, d)."""
+
+    def __init__(self, img_dim: int, embed_size: int, enc_type: str = 'basic', no_imgnorm: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(img_dim, embed_size)
+        self.no_imgnorm = no_imgnorm
+        if enc_type == 'weight_norm':
+            self.fc = nn.utils.parametrizations.weight_norm(self.fc, dim=None)
+        else:  # Xavier uniform, as in SCAN
+            r = math.sqrt(6.0) / math.sqrt(img_dim + embed_size)
+            nn.init.uniform_(self.fc.weight, -r, r)
+            nn.init.zeros_(self.fc.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.fc(images)
+        return x if self.no_imgnorm else l2norm(x)
+
+
+class EncoderText(nn.Module):
+    """Word ids (n, L) + true lengths (n,) -> word embeddings (n, L, d), zero past each length."""
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, num_layers: int = 1,
+                 bi_gru: bool = True, no_txtnorm: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        self.rnn = nn.GRU(word_dim, embed_size, num_layers, batch_first=True, bidirectional=bi_gru)
+        self.bi_gru, self.no_txtnorm, self.embed_size = bi_gru, no_txtnorm, embed_size
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def forward(self, captions: Tensor, lengths: Tensor) -> Tensor:
+        n, L = captions.shape
+        # Packing keeps padding out of the GRU in both directions (spec 8b).
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(captions), lengths.cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=L)
+        if self.bi_gru:  # average the two directions: (n, L, 2d) -> (n, L, d)
+            out = (out[..., :self.embed_size] + out[..., self.embed_size:]) / 2
+        return out if self.no_txtnorm else l2norm(out)
+
+
+class LabelHead(nn.Module):
+    """f(x) = W2 tanh(W1 x + b1) + b2: (..., d) -> (..., K) label logits."""
+
+    def __init__(self, embed_size: int, hidden: int, num_labels: int):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_size, hidden)
+        self.fc2 = nn.Linear(hidden, num_labels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.from_hidden(self.fc1(x))
+
+    def from_hidden(self, h: Tensor) -> Tensor:
+        """Second half, from first-layer outputs W1 x + b1 (..., H) -> (..., K)."""
+        return self.fc2(torch.tanh(h))
+
+
+def label_similarity(logits_img: Tensor, logits_txt: Tensor) -> Tensor:
+    """cos(sigmoid(f(u_img)), sigmoid(f(u_txt))) over K: (..., K), (..., K) -> (...)."""
+    p, q = torch.sigmoid(logits_img), torch.sigmoid(logits_txt)
+    return (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1)).clamp_min(EPS)
+
+
+def prepare(emb: Tensor, mask: Optional[Tensor], head: Optional[LabelHead]) -> Side:
+    """Per-item quantities shared by all of an item's pairs: emb (n, N, d) -> Side."""
+    norm = safe_sqrt(emb.pow(2).sum(-1))  # (n, N)
+    gram = emb @ emb.transpose(1, 2)  # (n, N, N)
+    proj = None if head is None else emb @ head.fc1.weight.T  # (n, N, H)
+    return Side(emb, mask, norm, gram, proj)
+
+
+def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') -> dict:
+    """All pairs of n_img images and n_cap captions, both directions at once.
+
+    Returns s_t2i, s_i2t (n_img, n_cap) and, when the sides carry head projections, h_img, h_txt
+    (n_img, n_cap, H): the label head's first layer W1 u + b1 applied to u_img (mean over words
+    of the t2i attended image contexts) and u_txt (mean over regions of the i2t word contexts).
+    """
+    n_img, R, d = img.emb.shape
+    n_cap, L, _ = cap.emb.shape
+    a, b = img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d)
+    if precision == 'bf16':  # the one large product in bfloat16, everything after it in float32
+        a, b = a.bfloat16(), b.bfloat16()
+    sims = (a @ b.T).to(img.emb.dtype).view(n_img, R, n_cap, L)  # s_rw for every pair: (n_img, R, n_cap, L)
+    wmask = cap.mask[None, None]  # (1, 1, n_cap, L)
+    n_words = cap.mask.sum(1)  # (n_cap,)
+    out = {}
+
+    # t2i: words query regions. Normalize over words, softmax over regions.
+    attn = torch.softmax(cfg.lambda_softmax_avg * normalize_raw(sims, cfg.raw_feature_norm, 3, wmask), 1)
+    dot = (attn * sims).sum(1)  # w_l . c_l: (n_img, n_cap, L)
+    ga = torch.bmm(img.gram, attn.view(n_img, R, n_cap * L)).view_as(attn)  # G a: (n_img, R, n_cap, L)
+    ctx_norm = safe_sqrt((attn * ga).sum(1))  # ||c_l|| = sqrt(a^T G a): (n_img, n_cap, L)
+    rel = dot / (cap.norm[None] * ctx_norm).clamp_min(EPS)
+    out['s_t2i'] = aggregate(rel, cap.mask[None], cfg.t2i_agg_func, cfg.lambda_lse)
+    if img.proj is not None:  # mean over real words of the attention: (n_img, n_cap, R)
+        mean_attn = ((attn * wmask).sum(3) / n_words).transpose(1, 2)
+        out['h_img'] = torch.bmm(mean_attn, img.proj)  # (n_img, n_cap, H)
+    del attn, ga, dot, rel
+
+    # i2t: regions query words. Normalize over regions, softmax over the real words.
+    logits = cfg.lambda_softmax_lse * normalize_raw(sims, cfg.raw_feature_norm, 1, None)
+    attn = torch.softmax(logits.masked_fill(~wmask, -math.inf), 3)  # (n_img, R, n_cap, L)
+    dot = (attn * sims).sum(3)  # v_r . c_r: (n_img, R, n_cap)
+    attn_c = attn.permute(2, 0, 1, 3).reshape(n_cap, n_img * R, L)  # caption-major for bmm
+    ctx_norm = safe_sqrt((torch.bmm(attn_c, cap.gram) * attn_c).sum(2))  # (n_cap, n_img * R)
+    rel = dot / (img.norm[:, :, None] * ctx_norm.view(n_cap, n_img, R).permute(1, 2, 0)).clamp_min(EPS)
+    out['s_i2t'] = aggregate(rel.transpose(1, 2), None, cfg.i2t_agg_func, cfg.lambda_lse)
+    if cap.proj is not None:  # mean over regions of the attention: (n_cap, n_img, L)
+        mean_attn = attn.mean(1).transpose(0, 1)
+        out['h_txt'] = torch.bmm(mean_attn, cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
+    return out
+
+
+class CASC(nn.Module):
+    """Image encoder, text encoder and label head; scores and the training loss."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.img_enc = EncoderImage(cfg.img_dim, cfg.embed_size, cfg.precomp_enc_type, cfg.no_imgnorm)
+        self.txt_enc = EncoderText(cfg.vocab_size, cfg.word_dim, cfg.embed_size, cfg.num_layers,
+                                   cfg.bi_gru, cfg.no_txtnorm)
+        self.head = LabelHead(cfg.embed_size, cfg.label_hidden, cfg.num_labels) if cfg.num_labels else None
+
+    def encode_images(self, images: Tensor) -> Side:
+        """images (n, R, img_dim) -> prepared regions."""
+        return prepare(self.img_enc(images), None, self.head)
+
+    def encode_captions(self, captions: Tensor, lengths: Tensor) -> Side:
+        """captions (n, L) ids, lengths (n,) -> prepared words."""
+        mask = torch.arange(captions.size(1), device=captions.device) < lengths.to(captions.device)[:, None]
+        return prepare(self.txt_enc(captions, lengths), mask, self.head)
+
+    def scores(self, img: Side, cap: Side, alpha: Optional[float] = None, precision: str = 'fp32') -> dict:
+        """Evaluation scores of all pairs: 'local', and with a head 'label' and the fused
+        'sims' = alpha * local + (1 - alpha) * label, each (n_img, n_cap); 'logits_img' (n_img, n_cap, K)."""
+        cfg = self.cfg
+        alpha = cfg.alpha if alpha is None else alpha
+        out = cross_attention(img, cap, cfg, precision)
+        local = {'t2i': out['s_t2i'], 'i2t': out['s_i2t']}.get(cfg.cross_attn)
+        res = {'local': (out['s_t2i'] + out['s_i2t']) / 2 if local is None else local}
+        res['sims'] = res['local']
+        if self.head is not None and alpha != 1.0:
+            b1 = self.head.fc1.bias
+            res['logits_img'] = self.head.from_hidden(out['h_img'] + b1)
+            res['label'] = label_similarity(res['logits_img'], self.head.from_hidden(out['h_txt'] + b1))
+            res['sims'] = alpha * res['local'] + (1 - alpha) * res['label']
+        return res
+
+    def forward(self, images: Tensor, captions: Tensor, lengths: Tensor, targets: Optional[Tensor] = None,
+                pos_weight: Optional[Tensor] = None) -> dict:
+        """Training loss of a batch of B matched pairs (image i with caption i).
+
+        images (B, R, img_dim), captions (B, L), lengths (B,), targets (B, K) multi-hot.
+        Returns 'loss', 'hinge', 'label_loss' and the label logits of the matched pairs (B, K).
+        """
+        cfg = self.cfg
+        use_head = self.head is not None and targets is not None and cfg.label_weight > 0
+        img = self.encode_images(images)
+        cap = self.encode_captions(captions, lengths)
+        if not use_head:
+            img, cap = img._replace(proj=None), cap._replace(proj=None)
+        out = cross_attention(img, cap, cfg)
+        local = {'t2i': out['s_t2i'], 'i2t': out['s_i2t']}.get(cfg.cross_attn)
+        local = (out['s_t2i'] + out['s_i2t']) / 2 if local is None else local  # (B, B)
+        res = {'hinge': hinge_loss(local, cfg.margin, cfg.max_violation)}
+        res['loss'] = res['hinge']
+        if use_head:
+            b1 = self.head.fc1.bias  # the head only ever sees the matched pairs in training
+            res['logits_img'] = self.head.from_hidden(out['h_img'].diagonal().T + b1)  # (B, K)
+            res['logits_txt'] = self.head.from_hidden(out['h_txt'].diagonal().T + b1)
+            res['label_loss'] = sum(F.binary_cross_entropy_with_logits(res[k], targets, pos_weight=pos_weight)
+                                    for k in ('logits_img', 'logits_txt'))
+            res['loss'] = res['hinge'] + cfg.label_weight * res['label_loss']
+        return res
+
+
+def hinge_loss(sims: Tensor, margin: float, max_violation: bool) -> Tensor:
+    """SCAN's triplet loss; sims (B, B) image-major with matched pairs on the diagonal -> scalar."""
+    pos = sims.diagonal()
+    eye = torch.eye(sims.size(0), dtype=torch.bool, device=sims.device)
+    cost_cap = (margin + sims - pos[:, None]).clamp(min=0).masked_fill(eye, 0)  # image i vs caption j
+    cost_img = (margin + sims - pos[None, :]).clamp(min=0).masked_fill(eye, 0)  # caption j vs image i
+    if max_violation:  # only the hardest negative per query (VSE++)
+        return cost_cap.amax(1).sum() + cost_img.amax(0).sum()
+    return cost_cap.sum() + cost_img.sum()

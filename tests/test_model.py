@@ -1,0 +1,180 @@
+"""The fast engine equals the authors' loop algorithm (tests/reference.py), and trains."""
+import itertools
+
+import pytest
+import torch
+
+import model
+import reference as ref
+from model import CASC, Config, Side, cross_attention, hinge_loss, prepare
+
+N_IMG, N_CAP, R, L, D, K, H = 3, 5, 4, 6, 8, 5, 7
+LENS = torch.tensor([6, 2, 4, 1, 5])  # captions of different lengths, one of a single word
+
+
+def tiny(seed=0, dtype=torch.float64):
+    """Random normalized regions, padded words (zeros past LENS) and a label head."""
+    g = torch.Generator().manual_seed(seed)
+    img = model.l2norm(torch.randn(N_IMG, R, D, generator=g, dtype=dtype))
+    cap = model.l2norm(torch.randn(N_CAP, L, D, generator=g, dtype=dtype))
+    mask = torch.arange(L) < LENS[:, None]
+    cap = cap * mask[..., None]
+    head = model.LabelHead(D, H, K).to(dtype)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5, generator=g)
+    return img, cap, mask, head
+
+
+def engine_scores(img, cap, mask, head, cfg, alpha=0.8):
+    m = CASC(Config(**{**cfg.__dict__, 'vocab_size': 10, 'word_dim': 4, 'embed_size': D, 'img_dim': 3,
+                       'num_labels': K, 'label_hidden': H})).to(img.dtype)
+    m.head.load_state_dict(head.state_dict())
+    return m.scores(prepare(img, None, m.head), prepare(cap, mask, m.head), alpha=alpha)
+
+
+def ref_kwargs(cfg):
+    return dict(raw_feature_norm=cfg.raw_feature_norm, lambda_softmax_avg=cfg.lambda_softmax_avg,
+                lambda_softmax_lse=cfg.lambda_softmax_lse, t2i_agg=cfg.t2i_agg_func,
+                i2t_agg=cfg.i2t_agg_func, lambda_lse=cfg.lambda_lse, cross_attn=cfg.cross_attn)
+
+
+def head_weights(head):
+    return head.fc1.weight, head.fc1.bias, head.fc2.weight, head.fc2.bias
+
+
+@pytest.mark.parametrize('norm', model.NORMS)
+@pytest.mark.parametrize('cross_attn', ['all', 't2i', 'i2t'])
+def test_scores_equal_authors_loop_every_norm_and_direction(norm, cross_attn):
+    img, cap, mask, head = tiny()
+    cfg = Config(raw_feature_norm=norm, cross_attn=cross_attn)
+    with torch.no_grad():
+        fast = engine_scores(img, cap, mask, head, cfg)
+        slow = ref.casc_scores(img, cap, LENS, head=head_weights(head), alpha=0.8, **ref_kwargs(cfg))
+    torch.testing.assert_close(fast['local'], slow['s_loc'], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast['label'], slow['s_label'], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast['sims'], slow['s'], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('t2i_agg,i2t_agg', list(itertools.product(model.AGGS, model.AGGS)))
+def test_scores_equal_authors_loop_every_aggregation(t2i_agg, i2t_agg):
+    img, cap, mask, head = tiny(seed=1)
+    cfg = Config(t2i_agg_func=t2i_agg, i2t_agg_func=i2t_agg, lambda_lse=3.0)
+    with torch.no_grad():
+        fast = engine_scores(img, cap, mask, head, cfg)
+        slow = ref.casc_scores(img, cap, LENS, head=head_weights(head), **ref_kwargs(cfg))
+    for f, s in (('local', 's_loc'), ('sims', 's')):
+        torch.testing.assert_close(fast[f], slow[s], rtol=0, atol=1e-10)
+
+
+def test_float32_engine_within_1e5_of_reference():
+    img, cap, mask, head = tiny(seed=2, dtype=torch.float32)
+    with torch.no_grad():
+        fast = engine_scores(img, cap, mask, head, Config())
+        slow = ref.casc_scores(img.double(), cap.double(), LENS,
+                               head=[w.double() for w in head_weights(head)], **ref_kwargs(Config()))
+    assert (fast['sims'].double() - slow['s']).abs().max() < 1e-5
+
+
+def test_alpha_one_is_the_local_score_and_no_head_means_local():
+    img, cap, mask, head = tiny()
+    with torch.no_grad():
+        out = engine_scores(img, cap, mask, head, Config(), alpha=1.0)
+    assert 'label' not in out and torch.equal(out['sims'], out['local'])
+
+
+def test_gram_identity_for_attended_norms():
+    """||sum_c a_c x_c||^2 == a^T G a, the identity that spares the attended vectors."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(R, D, generator=g, dtype=torch.float64)
+    a = torch.softmax(torch.randn(L, R, generator=g, dtype=torch.float64), -1)
+    side = prepare(x[None], None, None)
+    torch.testing.assert_close((a @ x).pow(2).sum(-1), ((a @ side.gram[0]) * a).sum(-1))
+
+
+def test_padding_changes_no_score():
+    """Appending padded word positions (with garbage that the mask hides) changes nothing."""
+    img, cap, mask, head = tiny(seed=4)
+    wide = torch.cat([cap, torch.zeros(N_CAP, 3, D, dtype=cap.dtype)], 1)
+    wide_mask = torch.cat([mask, torch.zeros(N_CAP, 3, dtype=torch.bool)], 1)
+    cfg = Config()
+    with torch.no_grad():
+        a = engine_scores(img, cap, mask, head, cfg)
+        b = engine_scores(img, wide, wide_mask, head, cfg)
+    torch.testing.assert_close(a['sims'], b['sims'], rtol=0, atol=1e-12)
+
+
+def test_chunks_equal_one_shot():
+    """Scoring any sub-block of images x captions gives the same numbers as all pairs at once."""
+    img, cap, mask, head = tiny(seed=5)
+    cfg = Config()
+    with torch.no_grad():
+        full = engine_scores(img, cap, mask, head, cfg)['sims']
+        for i0, i1, j0, j1 in ((0, 1, 0, 5), (1, 3, 2, 5), (2, 3, 4, 5)):
+            part = engine_scores(img[i0:i1], cap[j0:j1], mask[j0:j1], head, cfg)['sims']
+            torch.testing.assert_close(part, full[i0:i1, j0:j1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('max_violation', [False, True])
+def test_hinge_loss_hand_example(max_violation):
+    sims = torch.tensor([[0.9, 0.8, 0.1], [0.5, 0.4, 0.3], [0.2, 0.7, 0.6]])
+    # margin 0.2. cost_cap[i, j] = [0.2 + s_ij - s_ii]_+ : row 0: j=1 0.1; row 1: j=0 0.3, j=2 0.1;
+    # row 2: j=1 0.3. cost_img[i, j] = [0.2 + s_ij - s_jj]_+ : col 0: i=1 0.0 (0.2+0.5-0.9 < 0);
+    # col 1: i=0 0.6, i=2 0.5; col 2: i=1 0.0 (0.2+0.3-0.6 < 0), i=0 0.
+    expected = (0.1 + 0.3 + 0.3) + 0.6 if max_violation else (0.1 + 0.3 + 0.1 + 0.3) + (0.6 + 0.5)
+    got = hinge_loss(sims, 0.2, max_violation)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    assert got.item() == pytest.approx(ref.hinge_loss(sims, 0.2, max_violation).item(), abs=1e-6)
+
+
+def test_training_loss_equals_authors_loss_and_uses_pos_weight():
+    torch.manual_seed(0)
+    cfg = Config(vocab_size=30, word_dim=6, embed_size=D, img_dim=10, num_labels=K, label_hidden=H)
+    m = CASC(cfg).double()
+    B = 4
+    images = torch.rand(B, R, 10, dtype=torch.float64)
+    lengths = torch.tensor([6, 3, 5, 2])
+    captions = torch.randint(4, 30, (B, 6)) * (torch.arange(6) < lengths[:, None])
+    targets = (torch.rand(B, K) > 0.5).double()
+    pos_weight = torch.linspace(0.5, 4.0, K, dtype=torch.float64)
+    out = m(images, captions, lengths, targets, pos_weight)
+    img_emb, cap_emb = m.img_enc(images), m.txt_enc(captions, lengths)
+    expected = ref.train_loss(img_emb, cap_emb, lengths, targets, head=head_weights(m.head),
+                              pos_weight=pos_weight, margin=cfg.margin, max_violation=True,
+                              label_weight=cfg.label_weight)
+    torch.testing.assert_close(out['loss'], expected, rtol=0, atol=1e-10)
+    other = m(images, captions, lengths, targets, pos_weight * 2)
+    assert abs(other['label_loss'].item() - out['label_loss'].item()) > 1e-3
+
+
+def test_gradients_reach_every_parameter_and_stay_finite_with_short_captions():
+    torch.manual_seed(0)
+    for enc_type in ('basic', 'weight_norm'):
+        cfg = Config(vocab_size=30, word_dim=6, embed_size=D, img_dim=10, num_labels=K, label_hidden=H,
+                     precomp_enc_type=enc_type, num_layers=2)
+        m = CASC(cfg)
+        lengths = torch.tensor([7, 1, 2, 3])  # mostly padding: the NaN trap of spec 8b
+        captions = torch.randint(4, 30, (4, 7)) * (torch.arange(7) < lengths[:, None])
+        out = m(torch.rand(4, R, 10), captions, lengths, (torch.rand(4, K) > 0.5).float(), torch.ones(K))
+        out['loss'].backward()
+        for name, p in m.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            assert torch.isfinite(p.grad).all(), name
+
+
+def test_text_encoder_ignores_padding():
+    """The (bidirectional) GRU never sees pads: extra padding leaves every real word's embedding."""
+    torch.manual_seed(0)
+    enc = model.EncoderText(30, 6, D, num_layers=1, bi_gru=True)
+    ids = torch.tensor([[1, 5, 7, 2, 0], [1, 9, 2, 0, 0]])
+    lens = torch.tensor([4, 3])
+    a = enc(ids, lens)
+    b = enc(torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], 1), lens)
+    torch.testing.assert_close(a, b[:, :5])
+    assert (b[:, 5:] == 0).all() and (a[1, 3:] == 0).all()
+
+
+def test_config_rejects_unknown_options_naming_the_flag():
+    with pytest.raises(ValueError, match='--raw_feature_norm'):
+        Config(raw_feature_norm='relu')
+    with pytest.raises(ValueError, match='--cross_attn'):
+        Config(cross_attn='both')

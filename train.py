@@ -1,0 +1,265 @@
+"""Train CASC (SCAN's flags, plus the label head's).
+
+    python train.py --data_path DATA --data_name f30k_precomp --vocab_path vocab \
+        --logger_name runs/f30k/log --model_name runs/f30k
+"""
+import argparse
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import evaluation
+import labels as labels_lib
+from model import CASC, Config
+from vocab import deserialize_vocab
+
+log = logging.getLogger('casc')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Train CASC.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    flag = p.add_argument
+    flag('--data_path', default='./data/', help='folder holding {data_name}/')
+    flag('--data_name', default='f30k_precomp', help='f30k_precomp | coco_precomp | toy_precomp')
+    flag('--vocab_path', default='./vocab/', help='folder of {data_name}_vocab.json and _labels.json')
+    flag('--margin', type=float, default=0.2, help='hinge margin')
+    flag('--num_epochs', type=int, default=30)
+    flag('--batch_size', type=int, default=128)
+    flag('--word_dim', type=int, default=300)
+    flag('--embed_size', type=int, default=1024)
+    flag('--grad_clip', type=float, default=2.0, help='gradient norm clip, per optimizer')
+    flag('--num_layers', type=int, default=1, help='GRU layers')
+    flag('--learning_rate', type=float, default=2e-4, help='encoders learning rate')
+    flag('--lr_update', type=int, default=15, help='encoders lr x0.1 every N epochs')
+    flag('--workers', type=int, default=2, help='data loader processes')
+    flag('--log_step', type=int, default=10, help='log every N iterations')
+    flag('--val_step', type=int, default=500, help='also validate every N iterations')
+    flag('--logger_name', default='./runs/runX/log', help='TensorBoard and text log folder')
+    flag('--model_name', default='./runs/runX/checkpoint', help='checkpoint folder')
+    flag('--resume', default='', metavar='PATH', help='checkpoint to resume from')
+    flag('--max_violation', action=argparse.BooleanOptionalAction, default=True, help='hardest negatives')
+    flag('--img_dim', type=int, default=2048)
+    flag('--no_imgnorm', action='store_true')
+    flag('--no_txtnorm', action='store_true')
+    flag('--raw_feature_norm', default='clipped_l2norm',
+         help='clipped_l2norm|l2norm|clipped_l1norm|l1norm|clipped|softmax|no_norm')
+    flag('--t2i_agg_func', default='Mean', help='Mean|Max|Sum|LogSumExp')
+    flag('--i2t_agg_func', default='LogSumExp', help='Mean|Max|Sum|LogSumExp')
+    flag('--cross_attn', default='all', help='t2i|i2t|all (CASC: the average of both)')
+    flag('--precomp_enc_type', default='basic', help='basic|weight_norm')
+    flag('--bi_gru', action=argparse.BooleanOptionalAction, default=True, help='bidirectional GRU')
+    flag('--lambda_lse', type=float, default=5.0, help='LogSumExp temperature')
+    flag('--lambda_softmax_avg', type=float, default=9.0, help='t2i attention softmax temperature')
+    flag('--lambda_softmax_lse', type=float, default=4.0, help='i2t attention softmax temperature')
+    flag('--num_labels', type=int, default=500, help='semantic labels K (0: no label head)')
+    flag('--label_hidden', type=int, default=512, help='label head hidden size')
+    flag('--label_weight', type=float, default=10.0, help='weight of the label BCE loss')
+    flag('--label_lr', type=float, default=0.01, help='label head learning rate')
+    flag('--label_lr_decay', type=float, default=0.8)
+    flag('--label_lr_update', type=int, default=3, help='label lr x label_lr_decay every N epochs')
+    flag('--alpha', type=float, default=0.8, help='weight of the local score in validation')
+    flag('--seed', type=int, default=0)
+    flag('--device', default=None, help='cuda | cpu | mps (default: cuda when present)')
+    flag('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
+    flag('--eval_memory_gb', type=float, default=2.0, help='memory budget of validation chunks')
+    return p.parse_args(argv)
+
+
+def pick_device(name):
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+
+
+def load_vocab_and_labels(args):
+    """-> (vocab, label words, pos_weight) for args.data_name, or ValueError/OSError naming the file."""
+    vocab = deserialize_vocab(os.path.join(args.vocab_path, f'{args.data_name}_vocab.json'))
+    if not args.num_labels:
+        return vocab, [], None
+    path = os.path.join(args.vocab_path, f'{args.data_name}_labels.json')
+    lab = labels_lib.load_labels(path)
+    if args.num_labels > len(lab['labels']):
+        raise ValueError(f'--num_labels {args.num_labels}: {path} has only {len(lab["labels"])} labels')
+    return vocab, lab['labels'][:args.num_labels], torch.tensor(lab['pos_weight'][:args.num_labels])
+
+
+def make_optimizers(model, args):
+    enc = [p for n, p in model.named_parameters() if not n.startswith('head.')]
+    opts = [torch.optim.Adam(enc, lr=args.learning_rate)]
+    if model.head is not None:
+        opts.append(torch.optim.Adam(model.head.parameters(), lr=args.label_lr))
+    return opts
+
+
+def set_lr(opts, epoch, args):
+    """Learning rates as a pure function of the epoch (so resuming needs no scheduler state)."""
+    lrs = [args.learning_rate * 0.1 ** (epoch // args.lr_update),
+           args.label_lr * args.label_lr_decay ** (epoch // args.label_lr_update)]
+    for opt, lr in zip(opts, lrs):
+        for group in opt.param_groups:
+            group['lr'] = lr
+    return lrs[:len(opts)]
+
+
+def save_checkpoint(state, path, best_path=None):
+    """Atomic: a crash while writing leaves the previous file intact."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    if best_path:
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, best_path)
+
+
+def load_checkpoint(path, model, opts, vocab, label_words):
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if ckpt.get('vocab_size') != len(vocab):
+        raise ValueError(f'--resume {path}: made with a vocabulary of {ckpt.get("vocab_size")} words, '
+                         f'this one has {len(vocab)}')
+    if list(ckpt.get('labels', [])) != list(label_words):
+        raise ValueError(f'--resume {path}: made with another label set ({len(ckpt.get("labels", []))} labels)')
+    model.load_state_dict(ckpt['model'])
+    for opt, state in zip(opts, ckpt['optimizers']):
+        opt.load_state_dict(state)
+    return ckpt
+
+
+def validate(model, val_set, args, device, writer, step):
+    sims, seconds = evaluation.evaluate_dataset(model, val_set, device, args.eval_memory_gb, args.alpha,
+                                                args.precision, progress=False)
+    metrics = evaluation.recall_metrics(sims, val_set.im_div)
+    log.info('validation (%.1f s): %s', seconds, ' '.join(f'{k} {v:.1f}' for k, v in metrics.items()))
+    for k, v in metrics.items():
+        writer.add_scalar(f'val/{k}', v, step)
+    return metrics['rsum']
+
+
+def label_stats(logits, targets):
+    """Precision and recall (percent) of the labels predicted with p > 0.5."""
+    pred, gold = logits > 0, targets > 0.5
+    tp = (pred & gold).sum().item()
+    return 100.0 * tp / max(pred.sum().item(), 1), 100.0 * tp / max(gold.sum().item(), 1)
+
+
+def train_one_epoch(model, opts, loader, pos_weight, args, state, writer, on_val_step):
+    """One pass over the training set; state holds 'epoch' and 'Eiters' (updated in place)."""
+    model.train()
+    device = pos_weight.device if pos_weight is not None else next(model.parameters()).device
+    groups = [[p for g in opt.param_groups for p in g['params']] for opt in opts]
+    bar = tqdm(loader, desc=f'epoch {state["epoch"]}', unit='batch', dynamic_ncols=True, disable=None)
+    for images, captions, lengths, targets, _, _ in bar:
+        t0 = time.perf_counter()
+        images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+        targets = None if targets is None else targets.to(device, non_blocking=True)
+        out = model(images, captions, lengths, targets, pos_weight)
+        if not math.isfinite(out['loss'].item()):
+            raise FloatingPointError(f'non-finite loss at iteration {state["Eiters"] + 1} (epoch '
+                                     f'{state["epoch"]}); stopped, the last good checkpoint in '
+                                     f'{args.model_name} is kept')
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        out['loss'].backward()
+        for opt, params in zip(opts, groups):
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+        state['Eiters'] += 1
+        stats = {k: out[k].item() for k in ('loss', 'hinge', 'label_loss') if k in out}
+        stats['pairs_per_s'] = len(images) / (time.perf_counter() - t0)
+        if 'logits_img' in out:
+            stats['label_precision'], stats['label_recall'] = label_stats(out['logits_img'], targets)
+        bar.set_postfix(loss=f'{stats["loss"]:.3f}', pairs_s=f'{stats["pairs_per_s"]:.0f}')
+        if state['Eiters'] % args.log_step == 0:
+            log.info('epoch %d iter %d %s', state['epoch'], state['Eiters'],
+                     ' '.join(f'{k} {v:.4g}' for k, v in stats.items()))
+            for k, v in stats.items():
+                writer.add_scalar(f'train/{k}', v, state['Eiters'])
+        if state['Eiters'] % args.val_step == 0:
+            on_val_step()
+
+
+def setup_logging(folder):
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter('%(asctime)s %(message)s')
+    for handler in (logging.FileHandler(os.path.join(folder, 'train.log')), logging.StreamHandler()):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+def run(args):
+    from torch.utils.tensorboard import SummaryWriter
+    device = pick_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == 'tf32'
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    vocab, label_words, pos_weight = load_vocab_and_labels(args)
+    train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
+                                                args.workers, label_words or None, device.type == 'cuda')
+    cfg = Config.from_opt(vars(args), vocab_size=len(vocab))
+    model = CASC(cfg).to(device)
+    opts = make_optimizers(model, args)
+    state = {'epoch': 0, 'Eiters': 0, 'best_rsum': -math.inf}
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, model, opts, vocab, label_words)
+        state.update(epoch=ckpt['epoch'], Eiters=ckpt['Eiters'], best_rsum=ckpt['best_rsum'])
+        log.info('resumed from %s at epoch %d, iteration %d', args.resume, state['epoch'], state['Eiters'])
+    pos_weight = None if pos_weight is None else pos_weight.to(device)
+    writer = SummaryWriter(args.logger_name)
+    log.info('%s on %s: %d training pairs, %d parameters', cfg, device, len(train_loader.dataset),
+             sum(p.numel() for p in model.parameters()))
+    best_path = os.path.join(args.model_name, 'model_best.pth.tar')
+
+    def checkpoint(epoch_done):
+        return {'model': model.state_dict(), 'optimizers': [o.state_dict() for o in opts],
+                'epoch': state['epoch'] + epoch_done, 'Eiters': state['Eiters'], 'best_rsum': state['best_rsum'],
+                'opt': vars(args), 'vocab_size': len(vocab), 'labels': list(label_words)}
+
+    def validate_and_keep_best(epoch_done=0):
+        rsum = validate(model, val_loader.dataset, args, device, writer, state['Eiters'])
+        is_best = rsum > state['best_rsum']
+        state['best_rsum'] = max(rsum, state['best_rsum'])
+        if is_best and not epoch_done:
+            save_checkpoint(checkpoint(0), best_path)
+        return is_best
+
+    start = state['epoch']
+    for epoch in range(start, args.num_epochs):
+        state['epoch'] = epoch
+        for k, lr in zip(('lr/encoders', 'lr/label_head'), set_lr(opts, epoch, args)):
+            writer.add_scalar(k, lr, state['Eiters'])
+        torch.manual_seed(args.seed + epoch)  # the shuffle of epoch e is the same in a resumed run
+        train_one_epoch(model, opts, train_loader, pos_weight, args, state, writer, validate_and_keep_best)
+        is_best = validate_and_keep_best(epoch_done=1)
+        path = os.path.join(args.model_name, f'checkpoint_{epoch}.pth.tar')
+        save_checkpoint(checkpoint(1), path, best_path if is_best else None)
+        log.info('epoch %d done: %s%s', epoch, path, ' (best)' if is_best else '')
+    writer.close()
+    return state
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.model_name, exist_ok=True)
+    os.makedirs(args.logger_name, exist_ok=True)
+    setup_logging(args.logger_name)
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        with logging_redirect_tqdm([log]):
+            return run(args)
+    except (OSError, ValueError, FloatingPointError) as e:
+        log.error('error: %s', e)
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()
