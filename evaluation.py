@@ -1,7 +1,14 @@
 """Evaluate a CASC checkpoint: all-pairs scores in bounded memory, R@K both ways, rsum.
 
     python evaluation.py --model_path runs/f30k/model_best.pth.tar --data_path DATA --split test
+    python evaluation.py --model_path runs/coco/model_best.pth.tar --data_path DATA --split testall --fold5
+
+Loads this project's checkpoints, the authors' release format and SCAN's (no label head), always
+with torch.load(weights_only=True).
 """
+import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -9,7 +16,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model import CASC, Side
+from model import CASC, Config, Side
+from vocab import deserialize_vocab
 
 BYTES_PER_CELL = 4 * 12  # float32 (pair, region, word) tensors alive at once in cross_attention
 
@@ -94,14 +102,157 @@ def recall_metrics(sims: Tensor, im_div: int) -> dict:
 def evaluate_dataset(model: CASC, dataset, device='cpu', memory_gb: float = 2.0, alpha=None,
                      precision: str = 'fp32', progress: bool = True) -> tuple:
     """Encode a PrecompDataset and score all its pairs -> (sims (n_img, n_cap), seconds of scoring)."""
+    return evaluate_arrays(model, dataset.images, dataset.captions, device, memory_gb, alpha, precision, progress)
+
+
+def evaluate_arrays(model: CASC, images, captions: list, device='cpu', memory_gb: float = 2.0, alpha=None,
+                    precision: str = 'fp32', progress: bool = True) -> tuple:
+    """images (n_img, R, img_dim) array, captions (lists of ids) -> (sims, seconds of scoring)."""
     was_training = model.training
     model.eval()
-    img = encode_images(model, dataset.images, device=device)
-    caps = encode_captions(model, dataset.captions, device=device)
-    if device != 'cpu' and torch.device(device).type == 'cuda':
-        torch.cuda.synchronize()
+    img = encode_images(model, images, device=device)
+    caps = encode_captions(model, captions, device=device)
     t0 = time.perf_counter()
     sims = compute_sims(model, img, caps, memory_gb, alpha, precision, progress)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0  # compute_sims ends by copying to the CPU: GPU work is done
     model.train(was_training)
     return sims, seconds
+
+
+def _authors_state(parts: list) -> dict:
+    """The release's [image encoder, text encoder, label head] state dicts -> one state dict."""
+    state = {}
+    for prefix, part in zip(('img_enc.', 'txt_enc.', 'head.'), parts):
+        for k, v in part.items():  # torch.nn.utils.weight_norm names -> the parametrization's
+            k = k.replace('fc.weight_g', 'fc.parametrizations.weight.original0')
+            state[prefix + k.replace('fc.weight_v', 'fc.parametrizations.weight.original1')] = v
+    return state
+
+
+def load_model(path: str, device='cpu', **overrides) -> tuple:
+    """Checkpoint -> (CASC in eval mode, options dict, label words or None). Sizes come from the
+    weights themselves, so the authors' and SCAN's checkpoints load as well as this project's."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        opt = ckpt['opt'] if isinstance(ckpt['opt'], dict) else vars(ckpt['opt'])
+        state = _authors_state(ckpt['model']) if isinstance(ckpt['model'], list) else ckpt['model']
+        sizes = dict(vocab_size=state['txt_enc.embed.weight'].shape[0],
+                     word_dim=state['txt_enc.embed.weight'].shape[1],
+                     num_labels=state['head.fc2.weight'].shape[0] if 'head.fc2.weight' in state else 0)
+        if sizes['num_labels']:
+            sizes['label_hidden'] = state['head.fc1.weight'].shape[0]
+    except Exception as e:  # a truncated file, a pickle, or a dict of another program
+        raise ValueError(f'{path}: not a readable CASC/SCAN checkpoint ({type(e).__name__}: {e})') from None
+    model = CASC(Config.from_opt(opt, **sizes, **overrides))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f'{path}: weights do not fit the options stored with them ({e})') from None
+    return model.to(device).eval(), opt, ckpt.get('labels')
+
+
+def print_metrics(m: dict, header: str = ''):
+    print(f'{header}rsum: {m["rsum"]:.1f}')
+    for name, title in (('i2t', 'Image to text'), ('t2i', 'Text to image')):
+        print(f'{title}: R@1 {m[name + "_r1"]:.1f}  R@5 {m[name + "_r5"]:.1f}  R@10 {m[name + "_r10"]:.1f}  '
+              f'medr {m[name + "_medr"]:.1f}  meanr {m[name + "_meanr"]:.1f}')
+
+
+def save_sims(path: str, sims: Tensor, im_div: int):
+    """The score matrix as float32 .npy, and 1-based ranks beside it ({stem}_ranks.npz)."""
+    np.save(path, sims.numpy().astype(np.float32))
+    i2t, t2i = ranks(sims, im_div)
+    np.savez(os.path.splitext(path)[0] + '_ranks.npz', i2t=i2t.numpy() + 1, t2i=t2i.numpy() + 1)
+
+
+def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: bool = False,
+             **kw) -> dict:
+    """SCAN's entry point: evaluate a checkpoint on a split, print and return the metrics.
+    kw: model_path2, data_name, vocab_path, alpha, cross_attn, save_sims, device, precision,
+    eval_memory_gb, examples, out, image_dir."""
+    import data
+    device = kw.get('device') or ('cuda' if torch.cuda.is_available() else 'cpu')
+    overrides = {'cross_attn': kw['cross_attn']} if kw.get('cross_attn') else {}
+    paths = [p for p in (model_path, kw.get('model_path2')) if p]
+    models = [load_model(p, device, **overrides) for p in paths]
+    opt = models[0][1]
+    data_name = kw.get('data_name') or opt['data_name']
+    data_path = data_path or opt['data_path']
+    vocab_file = os.path.join(kw.get('vocab_path') or opt.get('vocab_path', 'vocab'), f'{data_name}_vocab.json')
+    vocab = deserialize_vocab(vocab_file)
+    alpha = kw.get('alpha')
+    for (model, _, _), path in zip(models, paths):
+        if model.cfg.vocab_size != len(vocab):
+            raise ValueError(f'{vocab_file} has {len(vocab)} words but {path} embeds '
+                             f'{model.cfg.vocab_size}: use the vocabulary the model was trained with')
+        if model.head is None and (model.cfg.alpha if alpha is None else alpha) != 1.0:
+            raise ValueError(f'{path} has no label head, so the CASC score cannot be computed: '
+                             f'pass --alpha 1 for the local score alone')
+    dataset = data.PrecompDataset(data_path, data_name, split, vocab)
+    n_folds = 5 if fold5 else 1
+    n_img = dataset.n_images // n_folds
+    results, pairs, seconds = [], 0, 0.0
+    for f in range(n_folds):
+        images = dataset.images[f * n_img:(f + 1) * n_img]
+        caps = dataset.captions[f * n_img * dataset.im_div:(f + 1) * n_img * dataset.im_div]
+        sims, secs = 0, 0.0
+        for model, _, _ in models:  # an ensemble averages the score matrices
+            s, t = evaluate_arrays(model, images, caps, device, kw.get('eval_memory_gb', 2.0), alpha,
+                                   kw.get('precision', 'fp32'))
+            sims, secs = sims + s / len(models), secs + t
+        pairs, seconds = pairs + sims.numel(), seconds + secs
+        results.append(recall_metrics(sims, dataset.im_div))
+        if fold5:
+            print_metrics(results[-1], f'fold {f}: ')
+        if kw.get('save_sims'):
+            stem, ext = os.path.splitext(kw['save_sims'])
+            save_sims(f'{stem}_fold{f}{ext or ".npy"}' if fold5 else kw['save_sims'], sims, dataset.im_div)
+    print(f'similarity: {pairs} pairs in {seconds:.2f} s, {pairs / seconds:.0f} pairs/s')
+    metrics = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+    print_metrics(metrics, 'mean of 5 folds: ' if fold5 else '')
+    if kw.get('examples'):
+        import report
+        out = report.write_examples(models[0][0], dataset, sims, models[0][2], kw['examples'],
+                                    kw.get('out') or 'examples', kw.get('image_dir'), device)
+        print(f'retrieval examples written to {out}')
+    return metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description='Evaluate CASC checkpoints.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model_path', required=True, help='checkpoint (this project, the authors or SCAN)')
+    p.add_argument('--model_path2', default=None, help='second checkpoint: average the two score matrices')
+    p.add_argument('--data_path', default=None, help='default: the one stored in the checkpoint')
+    p.add_argument('--data_name', default=None, help='default: the one stored in the checkpoint')
+    p.add_argument('--vocab_path', default=None, help='folder of {data_name}_vocab.json (default: checkpoint\'s)')
+    p.add_argument('--split', default='test', help='test | testall | dev')
+    p.add_argument('--fold5', action='store_true', help='average 5 folds of 1,000 images (COCO 1K)')
+    p.add_argument('--save_sims', default=None, metavar='FILE.npy', help='write the score matrix and ranks')
+    p.add_argument('--alpha', type=float, default=None, help='local score weight (default: checkpoint\'s, 0.8)')
+    p.add_argument('--cross_attn', default=None, choices=('all', 't2i', 'i2t'), help='override the local score')
+    p.add_argument('--examples', type=int, default=0, metavar='N', help='write N retrieval examples each way')
+    p.add_argument('--out', default='examples', help='folder of the examples report')
+    p.add_argument('--image_dir', default=None, help='images, shown in the report when the split has '
+                                                     '{split}_image_names.txt')
+    p.add_argument('--device', default=None, help='cuda | cpu | mps (default: cuda when present)')
+    p.add_argument('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
+    p.add_argument('--eval_memory_gb', type=float, default=2.0, help='memory budget of one scoring chunk')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == 'tf32'
+    kw = {k: v for k, v in vars(args).items() if k not in ('model_path', 'data_path', 'split', 'fold5')}
+    try:
+        return evalrank(args.model_path, args.data_path, args.split, args.fold5, **kw)
+    except (OSError, ValueError) as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()

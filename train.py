@@ -257,6 +257,8 @@ def main(argv=None):
         with logging_redirect_tqdm([log]):
             return run(args)
     except (OSError, ValueError, FloatingPointError) as e:
+        for handler in [h for h in log.handlers if type(h) is logging.StreamHandler]:
+            log.removeHandler(handler)  # the message goes to the log file, and once to stderr
         log.error('error: %s', e)
         sys.exit(f'error: {e}')
 

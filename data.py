@@ -1,0 +1,215 @@
+"""SCAN "precomp" data (spec section 1): dataset, collate, loaders, and the toy demo data.
+
+    python data.py --make_toy DIR [--seed 0]
+
+writes ``DIR/toy_precomp/{train,dev,test,testall}_{ims.npy,caps.txt}`` (see ``make_toy``).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from labels import image_targets
+from vocab import encode, read_captions, tokenize
+
+FULL_SCAN_BYTES = 2 << 30  # feature files up to this size are scanned for NaN/inf when opened
+
+
+def open_features(path: str, n_images=None) -> np.memmap:
+    """Memory-map ``{split}_ims.npy`` -> (n_img, R, img_dim), never read into RAM."""
+    try:
+        ims = np.load(path, mmap_mode='r')
+    except ValueError:
+        raise ValueError(f'{path}: not a .npy array file') from None
+    if ims.ndim != 3 or not np.issubdtype(ims.dtype, np.floating) or not ims.flags.c_contiguous:
+        order = '' if ims.flags.c_contiguous else ' in Fortran order'
+        raise ValueError(f'{path}: expected a C-order float array (n_images, regions, img_dim), '
+                         f'got shape {ims.shape} dtype {ims.dtype}{order}')
+    return ims[:n_images]
+
+
+def check_finite(path: str, ims: np.memmap, chunk_bytes: int = 16 << 20):
+    """Raise ValueError naming the first image with NaN/inf. Streams the file with plain reads
+    into one chunk at a time, not through the mmap, so resident memory stays flat."""
+    n_img, per_img = len(ims), int(np.prod(ims.shape[1:]))
+    step = max(1, chunk_bytes // (per_img * ims.itemsize))
+    with open(path, 'rb') as f:
+        f.seek(ims.offset)
+        for i0 in range(0, n_img, step):
+            block = np.fromfile(f, dtype=ims.dtype, count=min(step, n_img - i0) * per_img)
+            ok = np.isfinite(block.reshape(-1, per_img)).all(1)  # (chunk,)
+            if not ok.all():
+                raise ValueError(f'{path}: image {i0 + int(np.argmin(ok))} has NaN or inf features')
+
+
+class PrecompDataset(Dataset):
+    """Caption k of ``{split}_caps.txt`` pairs with image k // im_div of ``{split}_ims.npy``.
+
+    ``labels`` (K words) adds ``targets`` (n_img, K); ``max_images`` keeps the first N images
+    and their captions (validation uses dev's first 1,000)."""
+
+    def __init__(self, data_path: str, data_name: str, split: str, vocab, labels=None,
+                 max_images=None):
+        folder = os.path.join(data_path, data_name)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f'data folder not found: {folder} (check --data_path/--data_name)')
+        self.split = split
+        self.ims_path = os.path.join(folder, f'{split}_ims.npy')
+        self.caps_path = os.path.join(folder, f'{split}_caps.txt')
+        for path in (self.ims_path, self.caps_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f'{split} split file not found: {path}')
+        self.images = open_features(self.ims_path)
+        caps = read_captions(self.caps_path)
+        n_img, n_cap = len(self.images), len(caps)
+        if n_cap not in (n_img, 5 * n_img) or n_img == 0:
+            raise ValueError(f'{self.caps_path} has {n_cap} captions but {self.ims_path} has '
+                             f'{n_img} images: need 5 captions per image (or 1)')
+        self.im_div = n_cap // n_img  # captions per image: 5, or 1
+        self.images = self.images[:max_images]
+        self.n_images = len(self.images)
+        if self.images.nbytes <= FULL_SCAN_BYTES:
+            check_finite(self.ims_path, self.images)
+        self.raw_captions = caps[:self.n_images * self.im_div]
+        words = {}  # one str object per distinct word: COCO train has ~7M tokens
+        bar = tqdm(self.raw_captions, desc=f'tokenizing {split}', unit='cap', mininterval=1.0, disable=None)
+        self.tokens = [[words.setdefault(t, t) for t in tokenize(c)] for c in bar]
+        self.captions = [encode(vocab, t) for t in self.tokens]
+        self.targets = None if labels is None else image_targets(self.tokens, labels, self.im_div)
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, k: int):
+        """-> image (R, img_dim) float, caption (n_words,) long, target (K,) or None, k, k // im_div"""
+        i = k // self.im_div
+        image = np.array(self.images[i], dtype=np.float32)  # copy just this image off the mmap
+        if not np.isfinite(image).all():
+            raise ValueError(f'{self.ims_path}: image {i} has NaN or inf features')
+        target = None if self.targets is None else torch.from_numpy(self.targets[i])
+        return torch.from_numpy(image), torch.tensor(self.captions[k]), target, k, i
+
+    def __getstate__(self):
+        # Spawned loader workers get a pickled copy: without this the mmap would be pickled
+        # as its full contents, and the strings are not needed to serve items.
+        return {**self.__dict__, 'images': None, 'raw_captions': None, 'tokens': None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.images = open_features(self.ims_path, self.n_images)
+
+
+def collate_fn(batch):
+    """list of items -> images (B, R, img_dim), captions (B, L) zero-padded, lengths (B,),
+    targets (B, K) or None, cap_ids (B,), img_ids (B,). Not sorted: the model packs unsorted."""
+    images, caps, targets, cap_ids, img_ids = zip(*batch)
+    lengths = torch.tensor([len(c) for c in caps])
+    captions = torch.zeros(len(caps), int(lengths.max()), dtype=torch.long)  # 0 = <pad>
+    for b, c in enumerate(caps):
+        captions[b, :len(c)] = c
+    targets = None if targets[0] is None else torch.stack(targets)
+    return torch.stack(images), captions, lengths, targets, torch.tensor(cap_ids), torch.tensor(img_ids)
+
+
+def _loader(dataset, batch_size, workers, shuffle, pin_memory):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_fn)
+
+
+def get_loaders(data_path, data_name, vocab, batch_size, workers, labels=None, pin_memory=False):
+    """-> (train loader, shuffled; val loader on the first 1,000 dev images)."""
+    train = PrecompDataset(data_path, data_name, 'train', vocab, labels)
+    dev = PrecompDataset(data_path, data_name, 'dev', vocab, labels, max_images=1000)
+    return (_loader(train, batch_size, workers, True, pin_memory),
+            _loader(dev, batch_size, workers, False, pin_memory))
+
+
+def get_test_loader(split, data_path, data_name, vocab, batch_size, workers, labels=None,
+                    pin_memory=False):
+    """-> loader over all of ``split`` in file order."""
+    dataset = PrecompDataset(data_path, data_name, split, vocab, labels)
+    return _loader(dataset, batch_size, workers, False, pin_memory)
+
+
+# Toy world: objects with prototype features, colours with attribute features. Every region of
+# an object is prototype + colour + small noise, so "red dog" in a caption names a region.
+OBJECTS = tuple('dog cat man woman boy girl horse bird car bike bus truck boat ball kite frisbee '
+                'tree bench chair table umbrella hat shirt cup'.split())
+COLOURS = tuple('red blue green yellow white black brown orange'.split())
+PEOPLE = ('man', 'woman', 'boy', 'girl')  # coloured by their clothes: 'a man in red'
+TEMPLATES = ('{a} and {b}', 'there is {a} next to {b}', '{a} plays near {b}', 'a photo of {a} with {b}',
+             '{a} sits beside {b} on the ground', 'in this picture we see {a} and {b}', '{a} near {b}')
+TOY_SPLITS = {'train': 3000, 'dev': 300, 'test': 200, 'testall': 500}
+
+
+def _phrase(rng, obj, colour):
+    """'a red dog' / 'an orange cat' / 'a dog , colored red ,' / 'a man dressed in red' / 'a dog'."""
+    form = rng.integers(4)
+    if form == 3:
+        words = obj  # colour left out
+    elif obj in PEOPLE:
+        words = f'{obj} in {colour}' if form < 2 else f'{obj} dressed in {colour}'
+    else:
+        words = f'{colour} {obj}' if form < 2 else f'{obj} , colored {colour} ,'
+    return ('an ' if words[0] in 'aeiou' else 'a ') + words
+
+
+def _caption(rng, objs, colours):
+    """One caption naming 2+ of the image's objects, in random order, with varied case/punctuation."""
+    keep = rng.permutation(len(objs))[:rng.integers(2, len(objs) + 1)]
+    parts = [_phrase(rng, objs[j], colours[j]) for j in keep]
+    template = TEMPLATES[rng.integers(len(TEMPLATES))]
+    if len(parts) == 3:  # 'a , b and c' or 'a next to b and c'
+        parts = ([f'{parts[0]} , {parts[1]}', parts[2]] if ' and ' in template
+                 else [parts[0], f'{parts[1]} and {parts[2]}'])
+    cap = template.format(a=parts[0], b=parts[1]).replace(', ,', ',').rstrip(' ,')
+    cap = cap[0].upper() + cap[1:] if rng.random() < 0.6 else cap
+    return cap + ('', ' .', '.', '!')[rng.integers(4)]
+
+
+def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64) -> str:
+    """Write the toy precomp folder -> its path. Same seed, same bytes."""
+    rng = np.random.default_rng(seed)
+    protos = np.maximum(rng.normal(size=(len(OBJECTS), img_dim)), 0) * 1.5   # (24, D)
+    attrs = np.maximum(rng.normal(size=(len(COLOURS), img_dim)), 0) * 0.8    # (8, D)
+    backgrounds = np.maximum(rng.normal(size=(4, img_dim)), 0) * 0.5         # (4, D) sky, grass, ...
+    folder = os.path.join(out_dir, 'toy_precomp')
+    os.makedirs(folder, exist_ok=True)
+    for split, n_img in TOY_SPLITS.items():
+        ims = np.empty((n_img, regions, img_dim), np.float32)
+        caps = []
+        for i in range(n_img):
+            objs = rng.choice(len(OBJECTS), size=rng.integers(2, 4), replace=False)
+            colours = rng.integers(len(COLOURS), size=len(objs))
+            feats = [protos[o] + attrs[c] for o, c in zip(objs, colours) for _ in range(rng.integers(1, 4))]
+            feats += [backgrounds[rng.integers(4)] for _ in range(regions - len(feats))]
+            noisy = np.stack(feats)[rng.permutation(regions)] + rng.normal(0, 0.1, (regions, img_dim))
+            ims[i] = np.maximum(noisy, 0)  # non-negative, like bottom-up features
+            caps += [_caption(rng, [OBJECTS[o] for o in objs], [COLOURS[c] for c in colours]) for _ in range(5)]
+        np.save(os.path.join(folder, f'{split}_ims.npy'), ims)
+        with open(os.path.join(folder, f'{split}_caps.txt'), 'w', encoding='utf-8') as f:
+            f.write('\n'.join(caps) + '\n')
+    return folder
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--make_toy', metavar='DIR', required=True, help='write DIR/toy_precomp')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        folder = make_toy(args.make_toy, args.seed)
+    except OSError as e:
+        sys.exit(f'error: {e}')
+    sizes = ', '.join(f'{s} {n}' for s, n in TOY_SPLITS.items())
+    print(f'toy data written to {folder}: images per split {sizes}; 5 captions each; '
+          f'features (12 regions, 64 dims)')
+    return folder
+
+
+if __name__ == '__main__':
+    main()
