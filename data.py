@@ -171,15 +171,16 @@ def _caption(rng, objs, colours):
     return cap + ('', ' .', '.', '!')[rng.integers(4)]
 
 
-def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64) -> str:
-    """Write the toy precomp folder -> its path. Same seed, same bytes."""
+def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64, sizes=None) -> str:
+    """Write the toy precomp folder -> its path. Same seed, same bytes. sizes: images per split
+    (default TOY_SPLITS; tests pass smaller ones)."""
     rng = np.random.default_rng(seed)
     protos = np.maximum(rng.normal(size=(len(OBJECTS), img_dim)), 0) * 1.5   # (24, D)
     attrs = np.maximum(rng.normal(size=(len(COLOURS), img_dim)), 0) * 0.8    # (8, D)
     backgrounds = np.maximum(rng.normal(size=(4, img_dim)), 0) * 0.5         # (4, D) sky, grass, ...
     folder = os.path.join(out_dir, 'toy_precomp')
     os.makedirs(folder, exist_ok=True)
-    for split, n_img in TOY_SPLITS.items():
+    for split, n_img in (sizes or TOY_SPLITS).items():
         ims = np.empty((n_img, regions, img_dim), np.float32)
         caps = []
         for i in range(n_img):

@@ -27,7 +27,7 @@ def encode_images(model: CASC, images, batch_size: int = 256, device='cpu') -> S
     """images: an (n_img, R, img_dim) array (a memory map is read batch by batch) -> one Side."""
     parts = []
     for i0 in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[i0:i0 + batch_size], dtype=np.float32))
+        batch = torch.from_numpy(np.array(images[i0:i0 + batch_size], dtype=np.float32))  # a copy: mmaps are read-only
         parts.append(model.encode_images(batch.to(device)))
     return Side(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
 
