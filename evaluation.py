@@ -205,6 +205,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
             sims, secs = sims + s / len(models), secs + t
         pairs, seconds = pairs + sims.numel(), seconds + secs
         results.append(recall_metrics(sims, dataset.im_div))
+        first_sims = sims if f == 0 else first_sims  # the report shows the first fold's images
         if fold5:
             print_metrics(results[-1], f'fold {f}: ')
         if kw.get('save_sims'):
@@ -215,7 +216,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     print_metrics(metrics, 'mean of 5 folds: ' if fold5 else '')
     if kw.get('examples'):
         import report
-        out = report.write_examples(models[0][0], dataset, sims, models[0][2], kw['examples'],
+        out = report.write_examples(models[0][0], dataset, first_sims, models[0][2], kw['examples'],
                                     kw.get('out') or 'examples', kw.get('image_dir'), device)
         print(f'retrieval examples written to {out}')
     return metrics

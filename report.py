@@ -19,7 +19,7 @@ def predicted_labels(model, images, captions: list, i: int, cap_ids: list, devic
     """Label probabilities (K,) of image i: sigmoid(f(u_img)) averaged over the given captions,
     since u_img is the image attended by a caption (as the authors' label view does)."""
     img = encode_images(model, images[i:i + 1], device=device)
-    probs = [torch.sigmoid(model.scores(img, cap)['logits_img'][0]) for _, cap in
+    probs = [torch.sigmoid(model.scores(img, cap, alpha=0.0)['logits_img'][0]) for _, cap in
              encode_captions(model, [captions[k] for k in cap_ids], device=device)]
     return torch.cat(probs).mean(0).cpu()
 
