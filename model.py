@@ -80,20 +80,17 @@ def l2norm(x: Tensor, dim: int = -1) -> Tensor:
     return x / (safe_sqrt(x.pow(2).sum(dim, keepdim=True)) + EPS)
 
 
-def normalize_raw(x: Tensor, how: str, dim: int, mask: Optional[Tensor]) -> Tensor:
-    """Normalize raw region-word scores along the query axis `dim`; `mask` (broadcastable) marks
-    real words, so padding takes part in no sum, max or softmax."""
-    if how.startswith('clipped'):
-        x = F.leaky_relu(x, 0.1)
-    if mask is not None:
-        x = x * mask
+def scaled_raw(x: Tensor, how: str, dim: int, lam: float, pad_bias: Tensor) -> Tensor:
+    """lam * (raw scores normalized along the query axis `dim`). x: region-word scores, already
+    clipped (LeakyReLU) for the clipped_* norms, exactly zero on padded words; pad_bias (broadcastable)
+    is 0 on real words and -inf on padding, so padding never enters a softmax."""
     if how == 'softmax':
-        return torch.softmax(x if mask is None else x.masked_fill(~mask, -math.inf), dim).nan_to_num(0.0)
-    if how.endswith('l2norm'):
-        return l2norm(x, dim)
+        return lam * torch.softmax(x + pad_bias if dim == 3 else x, dim)
+    if how.endswith('l2norm'):  # vector_norm: one pass, and a zero (not NaN) gradient at norm 0
+        return x * (lam / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + EPS))
     if how.endswith('l1norm'):
-        return x / (x.abs().sum(dim, keepdim=True) + EPS)
-    return x  # 'clipped', 'no_norm'
+        return x * (lam / (torch.linalg.vector_norm(x, ord=1, dim=dim, keepdim=True) + EPS))
+    return x * lam  # 'clipped', 'no_norm'
 
 
 def aggregate(rel: Tensor, mask: Optional[Tensor], how: str, lambda_lse: float) -> Tensor:
@@ -172,18 +169,21 @@ class LabelHead(nn.Module):
 
     def from_hidden(self, h: Tensor) -> Tensor:
         """Second half, from first-layer outputs W1 x + b1 (..., H) -> (..., K)."""
-        return self.fc2(torch.tanh(h))
+        return self.fc2(torch.tanh(h).flatten(0, -2)).view(*h.shape[:-1], -1)  # 2-D: bias fused in addmm
 
 
 def label_similarity(logits_img: Tensor, logits_txt: Tensor) -> Tensor:
     """cos(sigmoid(f(u_img)), sigmoid(f(u_txt))) over K: (..., K), (..., K) -> (...)."""
     p, q = torch.sigmoid(logits_img), torch.sigmoid(logits_txt)
-    return (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1)).clamp_min(EPS)
+    norms = torch.linalg.vector_norm(p, dim=-1) * torch.linalg.vector_norm(q, dim=-1)
+    return torch.linalg.vecdot(p, q) / norms.clamp_min(EPS)
 
 
 def prepare(emb: Tensor, mask: Optional[Tensor], head: Optional[LabelHead]) -> Side:
     """Per-item quantities shared by all of an item's pairs: emb (n, N, d) -> Side."""
-    norm = safe_sqrt(emb.pow(2).sum(-1))  # (n, N)
+    if mask is not None:  # padded words exactly zero, so their raw scores are exactly zero
+        emb = emb * mask[..., None]
+    norm = torch.linalg.vector_norm(emb, dim=-1)  # (n, N)
     gram = emb @ emb.transpose(1, 2)  # (n, N, N)
     proj = None if head is None else emb @ head.fc1.weight.T  # (n, N, H)
     return Side(emb, mask, norm, gram, proj)
@@ -201,34 +201,36 @@ def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') 
     a, b = img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d)
     if precision == 'bf16':  # the one large product in bfloat16, everything after it in float32
         a, b = a.bfloat16(), b.bfloat16()
-    sims = (a @ b.T).to(img.emb.dtype).view(n_img, R, n_cap, L)  # s_rw for every pair: (n_img, R, n_cap, L)
-    wmask = cap.mask[None, None]  # (1, 1, n_cap, L)
-    n_words = cap.mask.sum(1)  # (n_cap,)
+    sims = (a @ b.T).to(img.emb.dtype).view(n_img, R, n_cap, L)  # s_rw of every pair: (n_img, R, n_cap, L)
+    pad_bias = torch.zeros_like(cap.norm).masked_fill_(~cap.mask, -math.inf)[None, None]  # (1, 1, n_cap, L)
+    raw = F.leaky_relu(sims, 0.1) if cfg.raw_feature_norm.startswith('clipped') else sims
     out = {}
 
     # t2i: words query regions. Normalize over words, softmax over regions.
-    attn = torch.softmax(cfg.lambda_softmax_avg * normalize_raw(sims, cfg.raw_feature_norm, 3, wmask), 1)
+    attn = torch.softmax(scaled_raw(raw, cfg.raw_feature_norm, 3, cfg.lambda_softmax_avg, pad_bias), 1)
     dot = (attn * sims).sum(1)  # w_l . c_l: (n_img, n_cap, L)
     ga = torch.bmm(img.gram, attn.view(n_img, R, n_cap * L)).view_as(attn)  # G a: (n_img, R, n_cap, L)
     ctx_norm = safe_sqrt((attn * ga).sum(1))  # ||c_l|| = sqrt(a^T G a): (n_img, n_cap, L)
+    del ga
     rel = dot / (cap.norm[None] * ctx_norm).clamp_min(EPS)
     out['s_t2i'] = aggregate(rel, cap.mask[None], cfg.t2i_agg_func, cfg.lambda_lse)
-    if img.proj is not None:  # mean over real words of the attention: (n_img, n_cap, R)
-        mean_attn = ((attn * wmask).sum(3) / n_words).transpose(1, 2)
-        out['h_img'] = torch.bmm(mean_attn, img.proj)  # (n_img, n_cap, H)
-    del attn, ga, dot, rel
+    if img.proj is not None:  # u_img's attention: mean over real words, (n_img, n_cap, R)
+        word_weight = cap.mask.to(attn.dtype) / cap.mask.sum(1, keepdim=True)  # (n_cap, L)
+        out['h_img'] = torch.bmm((attn * word_weight).sum(3).transpose(1, 2), img.proj)  # (n_img, n_cap, H)
+    del attn, dot, rel
 
     # i2t: regions query words. Normalize over regions, softmax over the real words.
-    logits = cfg.lambda_softmax_lse * normalize_raw(sims, cfg.raw_feature_norm, 1, None)
-    attn = torch.softmax(logits.masked_fill(~wmask, -math.inf), 3)  # (n_img, R, n_cap, L)
+    logits = scaled_raw(raw, cfg.raw_feature_norm, 1, cfg.lambda_softmax_lse, pad_bias)
+    attn = torch.softmax(logits + pad_bias, 3)  # (n_img, R, n_cap, L)
+    del logits, raw
     dot = (attn * sims).sum(3)  # v_r . c_r: (n_img, R, n_cap)
     attn_c = attn.permute(2, 0, 1, 3).reshape(n_cap, n_img * R, L)  # caption-major for bmm
     ctx_norm = safe_sqrt((torch.bmm(attn_c, cap.gram) * attn_c).sum(2))  # (n_cap, n_img * R)
+    del attn_c
     rel = dot / (img.norm[:, :, None] * ctx_norm.view(n_cap, n_img, R).permute(1, 2, 0)).clamp_min(EPS)
     out['s_i2t'] = aggregate(rel.transpose(1, 2), None, cfg.i2t_agg_func, cfg.lambda_lse)
-    if cap.proj is not None:  # mean over regions of the attention: (n_cap, n_img, L)
-        mean_attn = attn.mean(1).transpose(0, 1)
-        out['h_txt'] = torch.bmm(mean_attn, cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
+    if cap.proj is not None:  # u_txt's attention: mean over regions, (n_cap, n_img, L)
+        out['h_txt'] = torch.bmm(attn.mean(1).transpose(0, 1), cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
     return out
 
 
