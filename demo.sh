@@ -12,7 +12,7 @@ $PY vocab.py "${DATA[@]}"
 $PY labels.py "${DATA[@]}" --num_labels 24
 # The toy features have 64 dims; small embeddings and a higher learning rate keep it to minutes.
 $PY train.py "${DATA[@]}" --logger_name "$OUT/log" --model_name "$OUT" --img_dim 64 --embed_size 128 \
-  --word_dim 64 --num_labels 24 --label_hidden 64 --learning_rate 1e-3 --num_epochs 4 --log_step 40 \
+  --word_dim 64 --num_labels 24 --label_hidden 64 --learning_rate 1e-3 --num_epochs 3 --log_step 40 \
   --val_step 100000 --workers 0
 $PY evaluation.py --model_path "$OUT/model_best.pth.tar" --split test --examples 3 --out "$OUT/examples"
 echo "demo done: checkpoints in $OUT, TensorBoard logs in $OUT/log (tensorboard --logdir $OUT/log)," \

@@ -43,18 +43,40 @@ def ensure_nltk():
                            f'or set NLTK_DATA to a folder that holds them')
 
 
-def noun_counts(token_lists: list) -> Counter:
-    """token_lists (n_cap lists of str) -> Counter of tokens tagged NN/NNS/NNP/NNPS, stop words excluded."""
+def _count_nouns(token_lists: list) -> Counter:
+    """Tag one batch of sentences (in a worker process) -> Counter of its non-stop-word nouns."""
+    global _TAGGER, _STOP
+    if _TAGGER is None:  # once per process: loading the tagger takes ~0.2 s
+        from nltk.corpus import stopwords
+        from nltk.tag import PerceptronTagger
+        _TAGGER, _STOP = PerceptronTagger(), set(stopwords.words('english'))
+    return Counter(w for tagged in _TAGGER.tag_sents(token_lists)
+                   for w, tag in tagged if tag in NOUN_TAGS and w not in _STOP)
+
+
+_TAGGER = _STOP = None
+BATCH = 4096  # sentences per tagging batch
+
+
+def noun_counts(token_lists: list, workers: int = None) -> Counter:
+    """token_lists (n_cap lists of str) -> Counter of tokens tagged NN/NNS/NNP/NNPS, stop words excluded.
+    Sentences are tagged in batches, spread over `workers` processes (default: the CPU count, at
+    most 8) when there are enough of them to pay for starting the processes."""
     ensure_nltk()
-    from nltk.corpus import stopwords
-    from nltk.tag import PerceptronTagger
+    from concurrent.futures import ProcessPoolExecutor
     from tqdm import tqdm
-    stop = set(stopwords.words('english'))
-    # One tagger for all captions: nltk.pos_tag_sents would reload the model on every call.
-    tagger = PerceptronTagger()
+    batches = [token_lists[k:k + BATCH] for k in range(0, len(token_lists), BATCH)]
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    bar = tqdm(total=len(token_lists), desc='tagging', unit='cap', mininterval=1.0, disable=None)
     counts = Counter()
-    for tokens in tqdm(token_lists, desc='tagging', unit='cap', mininterval=1.0, disable=None):
-        counts.update(w for w, tag in tagger.tag(tokens) if tag in NOUN_TAGS and w not in stop)
+    if workers > 1 and len(batches) > 2:
+        with ProcessPoolExecutor(workers) as pool:
+            for batch, part in zip(batches, pool.map(_count_nouns, batches)):
+                counts.update(part), bar.update(len(batch))
+    else:
+        for batch in batches:
+            counts.update(_count_nouns(batch)), bar.update(len(batch))
+    bar.close()
     return counts
 
 

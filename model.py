@@ -86,10 +86,10 @@ def scaled_raw(x: Tensor, how: str, dim: int, lam: float, pad_bias: Tensor) -> T
     is 0 on real words and -inf on padding, so padding never enters a softmax."""
     if how == 'softmax':
         return lam * torch.softmax(x + pad_bias if dim == 3 else x, dim)
-    if how.endswith('l2norm'):  # vector_norm: one pass, and a zero (not NaN) gradient at norm 0
-        return x * (lam / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + EPS))
+    if how.endswith('l2norm'):  # (not vector_norm: 20x slower along the region axis on CPU)
+        return x * (lam / (safe_sqrt(x.pow(2).sum(dim, keepdim=True)) + EPS))
     if how.endswith('l1norm'):
-        return x * (lam / (torch.linalg.vector_norm(x, ord=1, dim=dim, keepdim=True) + EPS))
+        return x * (lam / (x.abs().sum(dim, keepdim=True) + EPS))
     return x * lam  # 'clipped', 'no_norm'
 
 
