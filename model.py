@@ -179,6 +179,44 @@ def label_similarity(logits_img: Tensor, logits_txt: Tensor) -> Tensor:
     return torch.linalg.vecdot(p, q) / norms.clamp_min(EPS)
 
 
+class QuadForm(torch.autograd.Function):
+    """||c_q||^2 = a_q^T G a_q for every query of every pair, where c_q = sum_c a_qc x_c.
+
+    attn (n_img, R, n_cap, L); gram (n_img, R, R) when regions are the context (t2i, -> (n_img,
+    n_cap, L)) or (n_cap, L, L) when words are (i2t, -> (n_img, R, n_cap)). Backward recomputes
+    G a instead of keeping it: one (pairs x R x L) tensor less per direction in training."""
+
+    @staticmethod
+    def _batched(attn: Tensor, over_words: bool) -> Tensor:
+        """-> (batch, context, queries): per image (R, n_cap*L), or per caption (L, n_img*R)."""
+        n_img, R, n_cap, L = attn.shape
+        if over_words:
+            return attn.permute(2, 3, 0, 1).reshape(n_cap, L, n_img * R)
+        return attn.reshape(n_img, R, n_cap * L)
+
+    @staticmethod
+    def forward(ctx, attn: Tensor, gram: Tensor, over_words: bool) -> Tensor:
+        ctx.save_for_backward(attn, gram)
+        ctx.over_words = over_words
+        n_img, R, n_cap, L = attn.shape
+        a = QuadForm._batched(attn, over_words)
+        quad = (a * torch.bmm(gram, a)).sum(1)  # (batch, queries)
+        return quad.view(n_cap, n_img, R).permute(1, 2, 0) if over_words else quad.view(n_img, n_cap, L)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        attn, gram = ctx.saved_tensors
+        n_img, R, n_cap, L = attn.shape
+        a = QuadForm._batched(attn, ctx.over_words)
+        g = (grad.permute(2, 0, 1).reshape(n_cap, 1, n_img * R) if ctx.over_words
+             else grad.reshape(n_img, 1, n_cap * L))  # (batch, 1, queries)
+        grad_a = 2 * torch.bmm(gram, a) * g  # G is symmetric
+        grad_a = (grad_a.view(n_cap, L, n_img, R).permute(2, 3, 0, 1) if ctx.over_words
+                  else grad_a.view_as(attn))
+        grad_gram = torch.bmm(a * g, a.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_gram, None
+
+
 def prepare(emb: Tensor, mask: Optional[Tensor], head: Optional[LabelHead]) -> Side:
     """Per-item quantities shared by all of an item's pairs: emb (n, N, d) -> Side."""
     if mask is not None:  # padded words exactly zero, so their raw scores are exactly zero
@@ -209,9 +247,7 @@ def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') 
     # t2i: words query regions. Normalize over words, softmax over regions.
     attn = torch.softmax(scaled_raw(raw, cfg.raw_feature_norm, 3, cfg.lambda_softmax_avg, pad_bias), 1)
     dot = (attn * sims).sum(1)  # w_l . c_l: (n_img, n_cap, L)
-    ga = torch.bmm(img.gram, attn.view(n_img, R, n_cap * L)).view_as(attn)  # G a: (n_img, R, n_cap, L)
-    ctx_norm = safe_sqrt((attn * ga).sum(1))  # ||c_l|| = sqrt(a^T G a): (n_img, n_cap, L)
-    del ga
+    ctx_norm = safe_sqrt(QuadForm.apply(attn, img.gram, False))  # ||c_l|| = sqrt(a^T G a): (n_img, n_cap, L)
     rel = dot / (cap.norm[None] * ctx_norm).clamp_min(EPS)
     out['s_t2i'] = aggregate(rel, cap.mask[None], cfg.t2i_agg_func, cfg.lambda_lse)
     if img.proj is not None:  # u_img's attention: mean over real words, (n_img, n_cap, R)
@@ -224,10 +260,8 @@ def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') 
     attn = torch.softmax(logits + pad_bias, 3)  # (n_img, R, n_cap, L)
     del logits, raw
     dot = (attn * sims).sum(3)  # v_r . c_r: (n_img, R, n_cap)
-    attn_c = attn.permute(2, 0, 1, 3).reshape(n_cap, n_img * R, L)  # caption-major for bmm
-    ctx_norm = safe_sqrt((torch.bmm(attn_c, cap.gram) * attn_c).sum(2))  # (n_cap, n_img * R)
-    del attn_c
-    rel = dot / (img.norm[:, :, None] * ctx_norm.view(n_cap, n_img, R).permute(1, 2, 0)).clamp_min(EPS)
+    ctx_norm = safe_sqrt(QuadForm.apply(attn, cap.gram, True))  # ||c_r||: (n_img, R, n_cap)
+    rel = dot / (img.norm[:, :, None] * ctx_norm).clamp_min(EPS)
     out['s_i2t'] = aggregate(rel.transpose(1, 2), None, cfg.i2t_agg_func, cfg.lambda_lse)
     if cap.proj is not None:  # u_txt's attention: mean over regions, (n_cap, n_img, L)
         out['h_txt'] = torch.bmm(attn.mean(1).transpose(0, 1), cap.proj).transpose(0, 1)  # (n_img, n_cap, H)

@@ -178,3 +178,30 @@ def test_config_rejects_unknown_options_naming_the_flag():
         Config(raw_feature_norm='relu')
     with pytest.raises(ValueError, match='--cross_attn'):
         Config(cross_attn='both')
+
+
+@pytest.mark.parametrize('over_words', [False, True])
+def test_quad_form_gradients(over_words):
+    """QuadForm's hand-written backward (it recomputes G a) against autograd's numerical check."""
+    g = torch.Generator().manual_seed(6)
+    attn = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4 if over_words else 2, 5 if over_words else 3, 6, generator=g, dtype=torch.float64)
+    gram = (x @ x.transpose(1, 2)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, G: model.QuadForm.apply(a, G, over_words), (attn, gram))
+
+
+def test_training_gradients_equal_the_authors_loss_gradients():
+    torch.manual_seed(1)
+    cfg = Config(vocab_size=30, word_dim=6, embed_size=D, img_dim=10, num_labels=K, label_hidden=H)
+    m = CASC(cfg).double()
+    images = torch.rand(4, R, 10, dtype=torch.float64)
+    lengths = torch.tensor([6, 3, 5, 2])
+    captions = torch.randint(4, 30, (4, 6)) * (torch.arange(6) < lengths[:, None])
+    targets = (torch.rand(4, K) > 0.5).double()
+    m(images, captions, lengths, targets, torch.ones(K, dtype=torch.float64))['loss'].backward()
+    fast = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref.train_loss(m.img_enc(images), m.txt_enc(captions, lengths), lengths, targets, head=head_weights(m.head),
+                   pos_weight=torch.ones(K, dtype=torch.float64)).backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, rtol=1e-7, atol=1e-9, msg=n)
