@@ -252,7 +252,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == 'tf32'
     kw = {k: v for k, v in vars(args).items() if k not in ('model_path', 'data_path', 'split', 'fold5')}
     try:
         return evalrank(args.model_path, args.data_path, args.split, args.fold5, **kw)

@@ -179,6 +179,24 @@ def label_similarity(logits_img: Tensor, logits_txt: Tensor) -> Tensor:
     return torch.linalg.vecdot(p, q) / norms.clamp_min(EPS)
 
 
+def region_word_product(a: Tensor, b: Tensor, precision: str = 'fp32') -> Tensor:
+    """a (M, d) @ b (N, d)^T, the one large product, in `precision`: fp32 (exact), bf16 (inputs
+    rounded to bfloat16, float32 result) or tf32 (inputs rounded to TF32's 10-bit mantissa: the
+    tensor cores on CUDA, the same rounding emulated elsewhere). All other work stays float32."""
+    if precision == 'bf16':
+        return (a.bfloat16() @ b.bfloat16().T).to(a.dtype)
+    if precision == 'tf32' and a.is_cuda:
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return a @ b.T
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    if precision == 'tf32':  # round to nearest on the 13 mantissa bits that TF32 drops
+        a, b = (((x.float().view(torch.int32) + 0x1000) & -0x2000).view(torch.float32).to(x.dtype) for x in (a, b))
+    return a @ b.T
+
+
 class QuadForm(torch.autograd.Function):
     """||c_q||^2 = a_q^T G a_q for every query of every pair, where c_q = sum_c a_qc x_c.
 
@@ -236,10 +254,8 @@ def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') 
     """
     n_img, R, d = img.emb.shape
     n_cap, L, _ = cap.emb.shape
-    a, b = img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d)
-    if precision == 'bf16':  # the one large product in bfloat16, everything after it in float32
-        a, b = a.bfloat16(), b.bfloat16()
-    sims = (a @ b.T).to(img.emb.dtype).view(n_img, R, n_cap, L)  # s_rw of every pair: (n_img, R, n_cap, L)
+    sims = region_word_product(img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d), precision)
+    sims = sims.view(n_img, R, n_cap, L)  # s_rw of every pair: (n_img, R, n_cap, L)
     pad_bias = torch.zeros_like(cap.norm).masked_fill_(~cap.mask, -math.inf)[None, None]  # (1, 1, n_cap, L)
     raw = F.leaky_relu(sims, 0.1) if cfg.raw_feature_norm.startswith('clipped') else sims
     out = {}

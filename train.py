@@ -200,7 +200,6 @@ def setup_logging(folder):
 def run(args):
     from torch.utils.tensorboard import SummaryWriter
     device = pick_device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == 'tf32'
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     vocab, label_words, pos_weight = load_vocab_and_labels(args)
     train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,

@@ -205,3 +205,15 @@ def test_training_gradients_equal_the_authors_loss_gradients():
                    pos_weight=torch.ones(K, dtype=torch.float64)).backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(fast[n], p.grad, rtol=1e-7, atol=1e-9, msg=n)
+
+
+def test_reduced_precision_products_stay_close_and_fp32_is_exact():
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(50, 64, generator=g), torch.randn(40, 64, generator=g)
+    exact = a.double() @ b.double().T
+    fp32 = model.region_word_product(a, b, 'fp32')
+    assert torch.equal(fp32, a @ b.T)
+    err = {p: (model.region_word_product(a, b, p).double() - exact).abs().max().item() for p in ('tf32', 'bf16')}
+    assert 1e-5 < err['tf32'] < err['bf16'] < 0.5, err  # tf32 keeps 10 mantissa bits, bf16 7
+    x = torch.tensor([1.0 + 2 ** -11, 1.0 + 2 ** -10 + 2 ** -12])
+    assert model.region_word_product(x[:, None], torch.ones(1, 1), 'tf32').flatten().tolist() == [1.0 + 2 ** -10, 1.0 + 2 ** -10]
