@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-from vocab import read_captions, tokenize
+from vocab import read_captions, tokenize, write_json
 
 NLTK_PACKAGES = {'averaged_perceptron_tagger_eng': 'taggers/averaged_perceptron_tagger_eng',
                  'stopwords': 'corpora/stopwords'}
@@ -139,10 +139,7 @@ def build_labels(data_path: str, data_name: str, num_labels: int = 500, splits=(
 
 def save_labels(d: dict, path: str):
     """Write the labels dict as JSON, atomically (tmp file, then rename)."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(d, f, indent=1)
-    os.replace(tmp, path)
+    write_json(d, path, indent=1)
 
 
 def load_labels(path: str) -> dict:

@@ -56,14 +56,18 @@ def read_captions(path: str) -> list:
     return caps
 
 
-def serialize_vocab(vocab: Vocabulary, path: str):
-    """Write SCAN's format: {"word2idx": ..., "idx2word": {"0": ...}, "idx": N}, atomically."""
-    d = {'word2idx': vocab.word2idx, 'idx2word': {str(k): w for k, w in vocab.idx2word.items()},
-         'idx': vocab.idx}
+def write_json(obj, path: str, indent=None):
+    """Write JSON atomically: a crash mid-write leaves any previous file intact."""
     tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(d, f)
+        json.dump(obj, f, indent=indent)
     os.replace(tmp, path)
+
+
+def serialize_vocab(vocab: Vocabulary, path: str):
+    """Write SCAN's format: {"word2idx": ..., "idx2word": {"0": ...}, "idx": N}, atomically."""
+    write_json({'word2idx': vocab.word2idx, 'idx2word': {str(k): w for k, w in vocab.idx2word.items()},
+                'idx': vocab.idx}, path)
 
 
 def deserialize_vocab(path: str) -> Vocabulary:
