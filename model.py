@@ -284,6 +284,13 @@ def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') 
     return out
 
 
+def local_score(out: dict, cross_attn: str) -> Tensor:
+    """S_loc (n_img, n_cap): t2i, i2t, or (CASC, 'all') their average."""
+    if cross_attn == 'all':
+        return (out['s_t2i'] + out['s_i2t']) / 2
+    return out[f's_{cross_attn}']
+
+
 class CASC(nn.Module):
     """Image encoder, text encoder and label head; scores and the training loss."""
 
@@ -310,8 +317,7 @@ class CASC(nn.Module):
         cfg = self.cfg
         alpha = cfg.alpha if alpha is None else alpha
         out = cross_attention(img, cap, cfg, precision)
-        local = {'t2i': out['s_t2i'], 'i2t': out['s_i2t']}.get(cfg.cross_attn)
-        res = {'local': (out['s_t2i'] + out['s_i2t']) / 2 if local is None else local}
+        res = {'local': local_score(out, cfg.cross_attn)}
         res['sims'] = res['local']
         if self.head is not None and alpha != 1.0:
             b1 = self.head.fc1.bias
@@ -334,9 +340,7 @@ class CASC(nn.Module):
         if not use_head:
             img, cap = img._replace(proj=None), cap._replace(proj=None)
         out = cross_attention(img, cap, cfg)
-        local = {'t2i': out['s_t2i'], 'i2t': out['s_i2t']}.get(cfg.cross_attn)
-        local = (out['s_t2i'] + out['s_i2t']) / 2 if local is None else local  # (B, B)
-        res = {'hinge': hinge_loss(local, cfg.margin, cfg.max_violation)}
+        res = {'hinge': hinge_loss(local_score(out, cfg.cross_attn), cfg.margin, cfg.max_violation)}
         res['loss'] = res['hinge']
         if use_head:
             b1 = self.head.fc1.bias  # the head only ever sees the matched pairs in training
