@@ -217,3 +217,18 @@ def test_reduced_precision_products_stay_close_and_fp32_is_exact():
     assert 1e-5 < err['tf32'] < err['bf16'] < 0.5, err  # tf32 keeps 10 mantissa bits, bf16 7
     x = torch.tensor([1.0 + 2 ** -11, 1.0 + 2 ** -10 + 2 ** -12])
     assert model.region_word_product(x[:, None], torch.ones(1, 1), 'tf32').flatten().tolist() == [1.0 + 2 ** -10, 1.0 + 2 ** -10]
+
+
+@pytest.mark.parametrize('group', [1, 2, 3, 8])
+def test_grouped_training_attention_equals_one_call(group):
+    """Length groups (uneven last group included) give exactly the all-at-once scores and the
+    matched pairs' head inputs."""
+    img, cap, mask, head = tiny(seed=8)
+    img = img[[0, 1, 2, 0, 1]]  # 5 matched pairs
+    sides = prepare(img, None, head), prepare(cap, mask, head)
+    full = cross_attention(*sides, Config())
+    grouped = model.grouped_cross_attention(*sides, Config(), group=group)
+    for k in ('s_t2i', 's_i2t'):
+        torch.testing.assert_close(grouped[k], full[k], rtol=0, atol=1e-12)
+    for k in ('h_img', 'h_txt'):
+        torch.testing.assert_close(grouped[k], full[k].diagonal().T, rtol=0, atol=1e-12)
