@@ -84,9 +84,11 @@ def bench_eval(args, model: CASC, pool: list, device) -> list:
                                             progress=False)  # noqa: E731
     run([(torch.arange(len(caps[0][0])), caps[0][1])])  # burn-in on the first caption batch
     chunks.clear()
+    before = reset_peak(device)
     t0 = clock(device)
     sims = run(caps)  # (n_img, n_cap)
     t_eng = clock(device) - t0
+    peak = memory_mb(device, peak=True) - before
     del model.scores
     where = {int(k): (cap, row) for idx, cap in caps for row, k in enumerate(idx)}  # caption -> its encoding
     cap_emb = pad_sequence([where[j][0].emb[where[j][1], :lens[j]] for j in range(args.ref_caps)], True)
@@ -98,7 +100,8 @@ def bench_eval(args, model: CASC, pool: list, device) -> list:
         t_ref = clock(device) - t0
     diff = (ref['s'].float().cpu() - sims[:, :args.ref_caps]).abs().max().item()
     n_ref, n_all, t_proj = args.n_img * args.ref_caps, args.n_img * args.n_cap, t_ref * args.n_cap / args.ref_caps
-    print(f'engine: {n_all:,} pairs in {t_eng:.1f} s = {n_all / t_eng:,.0f} pairs/s')
+    print(f'engine: {n_all:,} pairs in {t_eng:.1f} s = {n_all / t_eng:,.0f} pairs/s; peak memory while scoring '
+          f'+{peak:.0f} MB, of which the float32 score matrix is {sims.numel() * 4 / 2 ** 20:.0f} MB')
     print(f"authors' algorithm: {n_ref:,} pairs in {t_ref:.1f} s = {n_ref / t_ref:,.0f} pairs/s, "
           f'extrapolated: {t_proj:.0f} s for all {n_all:,} pairs')
     print(f'max |engine - reference| over those {n_ref:,} scores: {diff:.2e} (target < 1e-5 in fp32)')
@@ -141,6 +144,16 @@ def memory_mb(device, peak: bool = False) -> float:
     return int(status['VmHWM' if peak else 'VmRSS'].split()[0]) / 1024  # VmHWM: ru_maxrss of this mm
 
 
+def reset_peak(device) -> float:
+    """Restart the peak-memory count of this process -> its memory now (MB)."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    else:  # reset VmHWM: ru_maxrss may still hold the parent's peak (vfork + exec keeps it)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    return memory_mb(device)
+
+
 def train_worker(args, pool: list, device):
     """One side's training steps in this fresh process; prints {times, peak_mb, loss} as JSON."""
     torch.manual_seed(args.seed)  # the same weights in both workers
@@ -154,12 +167,7 @@ def train_worker(args, pool: list, device):
     pos_weight = 1 + 99 * torch.rand(K, generator=gen)
     images, captions, lens, targets, pos_weight = (t.to(device) for t in (images, captions, lens, targets, pos_weight))
     times, engine = [], args._train_worker == 'engine'
-    before = memory_mb(device)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    else:  # reset VmHWM: ru_maxrss may still hold the parent's peak (vfork + exec keeps it)
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
+    before = reset_peak(device)
     for _ in range(1 + (args.train_steps if engine or device.type == 'cuda' else 1)):  # first: burn-in
         t0 = clock(device)
         if engine:
@@ -197,7 +205,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == 'tf32'
     pool, source = length_pool()
     if args._train_worker:
         return train_worker(args, pool, device)
