@@ -101,7 +101,8 @@ def bench_eval(args, model: CASC, pool: list, device) -> list:
     diff = (ref['s'].float().cpu() - sims[:, :args.ref_caps]).abs().max().item()
     n_ref, n_all, t_proj = args.n_img * args.ref_caps, args.n_img * args.n_cap, t_ref * args.n_cap / args.ref_caps
     print(f'engine: {n_all:,} pairs in {t_eng:.1f} s = {n_all / t_eng:,.0f} pairs/s; peak memory while scoring '
-          f'+{peak:.0f} MB, of which the float32 score matrix is {sims.numel() * 4 / 2 ** 20:.0f} MB')
+          f'+{peak:.0f} MB, of which the float32 score matrix is {sims.numel() * 4 / 2 ** 20:.0f} MB '
+          f'(whole process, encoded split and inputs included: {memory_mb(device, peak=True):.0f} MB)')
     print(f"authors' algorithm: {n_ref:,} pairs in {t_ref:.1f} s = {n_ref / t_ref:,.0f} pairs/s, "
           f'extrapolated: {t_proj:.0f} s for all {n_all:,} pairs')
     print(f'max |engine - reference| over those {n_ref:,} scores: {diff:.2e} (target < 1e-5 in fp32)')
