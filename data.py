@@ -11,10 +11,9 @@ import sys
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from labels import image_targets
-from vocab import encode, read_captions, tokenize
+from vocab import encode, read_captions, tokenize_all
 
 FULL_SCAN_BYTES = 2 << 30  # feature files up to this size are scanned for NaN/inf when opened
 
@@ -75,9 +74,7 @@ class PrecompDataset(Dataset):
         if self.images.nbytes <= FULL_SCAN_BYTES:
             check_finite(self.ims_path, self.images)
         self.raw_captions = caps[:self.n_images * self.im_div]
-        words = {}  # one str object per distinct word: COCO train has ~7M tokens
-        bar = tqdm(self.raw_captions, desc=f'tokenizing {split}', unit='cap', mininterval=1.0, disable=None)
-        self.tokens = [[words.setdefault(t, t) for t in tokenize(c)] for c in bar]
+        self.tokens = tokenize_all(self.raw_captions, f'tokenizing {split}')
         self.captions = [encode(vocab, t) for t in self.tokens]
         self.targets = None if labels is None else image_targets(self.tokens, labels, self.im_div)
 

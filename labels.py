@@ -14,7 +14,7 @@ from collections import Counter
 
 import numpy as np
 
-from vocab import read_captions, tokenize, write_json
+from vocab import map_batches, read_captions, tokenize_all, write_json
 
 NLTK_PACKAGES = {'averaged_perceptron_tagger_eng': 'taggers/averaged_perceptron_tagger_eng',
                  'stopwords': 'corpora/stopwords'}
@@ -55,28 +55,15 @@ def _count_nouns(token_lists: list) -> Counter:
 
 
 _TAGGER = _STOP = None
-BATCH = 4096  # sentences per tagging batch
 
 
 def noun_counts(token_lists: list, workers: int = None) -> Counter:
     """token_lists (n_cap lists of str) -> Counter of tokens tagged NN/NNS/NNP/NNPS, stop words excluded.
-    Sentences are tagged in batches, spread over `workers` processes (default: the CPU count, at
-    most 8) when there are enough of them to pay for starting the processes."""
+    Sentences are tagged in batches, over several processes for large caption files."""
     ensure_nltk()
-    from concurrent.futures import ProcessPoolExecutor
-    from tqdm import tqdm
-    batches = [token_lists[k:k + BATCH] for k in range(0, len(token_lists), BATCH)]
-    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    bar = tqdm(total=len(token_lists), desc='tagging', unit='cap', mininterval=1.0, disable=None)
     counts = Counter()
-    if workers > 1 and len(batches) > 2:
-        with ProcessPoolExecutor(workers) as pool:
-            for batch, part in zip(batches, pool.map(_count_nouns, batches)):
-                counts.update(part), bar.update(len(batch))
-    else:
-        for batch in batches:
-            counts.update(_count_nouns(batch)), bar.update(len(batch))
-    bar.close()
+    for part in map_batches(_count_nouns, token_lists, 'tagging', workers):
+        counts.update(part)
     return counts
 
 
@@ -118,13 +105,11 @@ def caps_per_image(data_dir: str, split: str, n_cap: int) -> int:
 def build_labels(data_path: str, data_name: str, num_labels: int = 500, splits=('train', 'dev')) -> dict:
     """Top ``num_labels`` nouns of ``splits``' captions, most frequent first (ties alphabetical),
     their counts, and pos_weight (K,) over the first split's image targets."""
-    from tqdm import tqdm
     data_dir = os.path.join(data_path, data_name)
     token_lists = {}
     for split in splits:
         caps = read_captions(os.path.join(data_dir, f'{split}_caps.txt'))
-        token_lists[split] = [tokenize(c) for c in tqdm(caps, desc=f'tokenizing {split}', unit='cap',
-                                                         mininterval=1.0, disable=None)]
+        token_lists[split] = tokenize_all(caps, f'tokenizing {split}')
     counts = noun_counts([t for split in splits for t in token_lists[split]])
     if not 0 < num_labels <= len(counts):
         raise ValueError(f'--num_labels {num_labels}: the captions have {len(counts)} distinct nouns, '

@@ -39,6 +39,38 @@ def tokenize(caption: str) -> list:
     return word_tokenize(caption.lower(), preserve_line=True)
 
 
+def map_batches(fn, items: list, desc: str, workers: int = None, batch: int = 4096):
+    """Yield fn(batch) for consecutive batches of items, in order, with a progress bar; spread over
+    up to 8 processes (default: the CPU count) when there are enough batches to pay for them."""
+    from concurrent.futures import ProcessPoolExecutor
+    from tqdm import tqdm
+    batches = [items[k:k + batch] for k in range(0, len(items), batch)]
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    with tqdm(total=len(items), desc=desc, unit='cap', mininterval=1.0, disable=None) as bar:
+        if workers > 1 and len(batches) > 4:
+            with ProcessPoolExecutor(workers) as pool:
+                for part, result in zip(batches, pool.map(fn, batches)):
+                    bar.update(len(part))
+                    yield result
+        else:
+            for part in batches:
+                result = fn(part)
+                bar.update(len(part))
+                yield result
+
+
+def _tokenize_batch(captions: list) -> list:
+    return [tokenize(c) for c in captions]
+
+
+def tokenize_all(captions: list, desc: str = 'tokenizing', workers: int = None) -> list:
+    """Captions -> token lists (COCO's 566k captions take ~70 s in one process, so large files are
+    tokenized in several). Each distinct word is one str object: COCO train has ~7M tokens."""
+    words = {}
+    return [[words.setdefault(t, t) for t in tokens]
+            for part in map_batches(_tokenize_batch, captions, desc, workers) for tokens in part]
+
+
 def encode(vocab: Vocabulary, tokens: list) -> list:
     """Token list -> ids ``[<start>] + ids + [<end>]``."""
     return [vocab('<start>')] + [vocab(t) for t in tokens] + [vocab('<end>')]
@@ -92,13 +124,11 @@ def deserialize_vocab(path: str) -> Vocabulary:
 def build_vocab(data_path: str, data_name: str, threshold: int = 4,
                 splits=('train', 'dev')) -> Vocabulary:
     """Count tokens over ``splits``' captions; keep words with count >= threshold after the specials."""
-    from tqdm import tqdm
     counter = Counter()
     for split in splits:
         path = os.path.join(data_path, data_name, f'{split}_caps.txt')
-        for cap in tqdm(read_captions(path), desc=f'tokenizing {split}', unit='cap',
-                        mininterval=1.0, disable=None):
-            counter.update(tokenize(cap))
+        for tokens in tokenize_all(read_captions(path), f'tokenizing {split}'):
+            counter.update(tokens)
     vocab = Vocabulary()
     for w in SPECIALS:
         vocab.add_word(w)
