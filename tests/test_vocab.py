@@ -102,3 +102,11 @@ def test_encode_adds_start_end_and_maps_unknown(scan_vocab):
     ids = V.encode(scan_vocab, tokens)
     assert ids[0] == 1 and ids[-1] == 2 and ids[6] == 3
     assert [scan_vocab.idx2word[i] for i in ids[1:6]] == tokens[:5]
+
+
+def test_parallel_tokenizing_equals_one_process():
+    """map_batches over worker processes returns every batch, in order, as one process would."""
+    caps = V.read_captions(shared_path('data', 'f30k_precomp', 'test_caps.txt'))[:600]
+    parts = list(V.map_batches(V._tokenize_batch, caps, 'test', workers=2, batch=100))
+    assert len(parts) == 6 and [t for part in parts for t in part] == [V.tokenize(c) for c in caps]
+    assert V.tokenize_all(caps, workers=1) == [V.tokenize(c) for c in caps]
