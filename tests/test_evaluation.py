@@ -255,9 +255,10 @@ def test_save_sims_writes_the_float32_matrix_and_consistent_ranks(encoded, base)
     assert f'Text to image: R@1 {100 * np.mean(rk["t2i"] == 1):.1f} ' in base.out
 
 
-def test_chunked_scoring_equals_one_shot_whatever_the_memory_budget(encoded):
+def test_chunked_scoring_equals_one_shot_whatever_the_memory_budget(encoded, monkeypatch):
     model, img = encoded.model, encoded.img
     caps = encode_captions(model, encoded.ds.captions, batch_size=200)  # one caption batch
+    monkeypatch.setattr(evaluation, 'CACHE_CELLS', 1 << 40)  # no cache-sized cap: truly one shot
     one_shot = compute_sims(model, img, caps, memory_gb=64.0, progress=False)
     (_, cap), = caps
     n_c, L = cap.mask.shape
@@ -266,6 +267,24 @@ def test_chunked_scoring_equals_one_shot_whatever_the_memory_budget(encoded):
     for budget in (1e-12, 3.5 * per_image / 2 ** 30):  # chunks of 1 image; of 3 (40 = 13 x 3 + 1)
         chunked = compute_sims(model, img, caps, memory_gb=budget, progress=False)
         torch.testing.assert_close(chunked, one_shot, rtol=0, atol=1e-6)
+
+
+def test_chunk_size_does_not_grow_with_the_split(encoded):
+    """The largest chunk scored is the same for a split and for a split twice as large."""
+    model, img = encoded.model, encoded.img
+    caps = encode_captions(model, encoded.ds.captions)
+    double = type(img)(*(None if t is None else torch.cat([t, t]) for t in img))
+    largest = []
+    for side in (img, double):
+        cells, scores = [], model.scores
+        model.scores = lambda i, c, **kw: cells.append(i.emb.shape[0] * i.emb.shape[1] * c.mask.numel()) or scores(i, c, **kw)
+        try:
+            sims = compute_sims(model, side, caps, progress=False)
+        finally:
+            del model.scores
+        largest.append(max(cells))
+        assert sims.shape == (side.emb.shape[0], len(encoded.ds.captions))
+    assert largest[0] == largest[1] <= max(evaluation.CACHE_CELLS, max(c.mask.numel() for _, c in caps) * img.emb.shape[1])
 
 
 @pytest.mark.parametrize('batch_size', [1, 7])
