@@ -55,7 +55,7 @@ def _images_slice(img: Side, i0: int, i1: int) -> Side:
 
 @torch.inference_mode()
 def compute_sims(model: CASC, img: Side, caps: list, memory_gb: float = 2.0, alpha=None,
-                 precision: str = 'fp32', progress: bool = True, key: str = 'sims') -> Tensor:
+                 precision: str = 'fp32', progress: bool = True) -> Tensor:
     """Score matrix (n_img, n_cap) float32 on the CPU, chunked so that the transient tensors of
     one chunk take at most `memory_gb` whatever the split size (on the CPU, chunks are also kept
     small enough for their (pair, region, word) tensors to stay in cache)."""
@@ -72,9 +72,9 @@ def compute_sims(model: CASC, img: Side, caps: list, memory_gb: float = 2.0, alp
             step = min(step, CACHE_CELLS // (n_c * R * L))
         step = max(1, step)
         for i0 in range(0, n_img, step):
-            out = model.scores(_images_slice(img, i0, i0 + step), cap, alpha=alpha, precision=precision)
-            sims[i0:i0 + step, idx] = out[key].float().cpu()
-            bar.update(out[key].numel())
+            chunk = model.scores(_images_slice(img, i0, i0 + step), cap, alpha=alpha, precision=precision)['sims']
+            sims[i0:i0 + step, idx] = chunk.float().cpu()
+            bar.update(chunk.numel())
     bar.close()
     return sims
 
@@ -104,12 +104,6 @@ def recall_metrics(sims: Tensor, im_div: int) -> dict:
     return metrics
 
 
-def evaluate_dataset(model: CASC, dataset, device='cpu', memory_gb: float = 2.0, alpha=None,
-                     precision: str = 'fp32', progress: bool = True) -> tuple:
-    """Encode a PrecompDataset and score all its pairs -> (sims (n_img, n_cap), seconds of scoring)."""
-    return evaluate_arrays(model, dataset.images, dataset.captions, device, memory_gb, alpha, precision, progress)
-
-
 def evaluate_arrays(model: CASC, images, captions: list, device='cpu', memory_gb: float = 2.0, alpha=None,
                     precision: str = 'fp32', progress: bool = True) -> tuple:
     """images (n_img, R, img_dim) array, captions (lists of ids) -> (sims, seconds of scoring)."""
@@ -122,6 +116,15 @@ def evaluate_arrays(model: CASC, images, captions: list, device='cpu', memory_gb
     seconds = time.perf_counter() - t0  # compute_sims ends by copying to the CPU: GPU work is done
     model.train(was_training)
     return sims, seconds
+
+
+def pick_device(name=None) -> torch.device:
+    """--device, or by default CUDA when present, else Apple MPS, else the CPU."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
 
 
 def _authors_state(parts: list) -> dict:
@@ -179,7 +182,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     kw: model_path2, data_name, vocab_path, alpha, cross_attn, save_sims, device, precision,
     eval_memory_gb, examples, out, image_dir."""
     import data
-    device = kw.get('device') or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = pick_device(kw.get('device'))
     overrides = {'cross_attn': kw['cross_attn']} if kw.get('cross_attn') else {}
     paths = [p for p in (model_path, kw.get('model_path2')) if p]
     models = [load_model(p, device, **overrides) for p in paths]
@@ -244,7 +247,7 @@ def parse_args(argv=None):
     p.add_argument('--out', default='examples', help='folder of the examples report')
     p.add_argument('--image_dir', default=None, help='images, shown in the report when the split has '
                                                      '{split}_image_names.txt')
-    p.add_argument('--device', default=None, help='cuda | cpu | mps (default: cuda when present)')
+    p.add_argument('--device', default=None, help='cuda | cpu | mps (default: cuda, else mps, else cpu)')
     p.add_argument('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
     p.add_argument('--eval_memory_gb', type=float, default=2.0, help='memory budget of one scoring chunk')
     return p.parse_args(argv)

@@ -74,14 +74,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def pick_device(name):
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
-
-
 def load_vocab_and_labels(args):
     """-> (vocab, label words, pos_weight) for args.data_name, or ValueError/OSError naming the file."""
     vocab = deserialize_vocab(os.path.join(args.vocab_path, f'{args.data_name}_vocab.json'))
@@ -136,8 +128,8 @@ def load_checkpoint(path, model, opts, vocab, label_words):
 
 
 def validate(model, val_set, args, device, writer, step):
-    sims, seconds = evaluation.evaluate_dataset(model, val_set, device, args.eval_memory_gb, args.alpha,
-                                                args.precision, progress=False)
+    sims, seconds = evaluation.evaluate_arrays(model, val_set.images, val_set.captions, device,
+                                               args.eval_memory_gb, args.alpha, args.precision, progress=False)
     metrics = evaluation.recall_metrics(sims, val_set.im_div)
     log.info('validation (%.1f s): %s', seconds, ' '.join(f'{k} {v:.1f}' for k, v in metrics.items()))
     for k, v in metrics.items():
@@ -199,7 +191,7 @@ def setup_logging(folder):
 
 def run(args):
     from torch.utils.tensorboard import SummaryWriter
-    device = pick_device(args.device)
+    device = evaluation.pick_device(args.device)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     vocab, label_words, pos_weight = load_vocab_and_labels(args)
     train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
