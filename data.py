@@ -100,14 +100,20 @@ class PrecompDataset(Dataset):
         self.images = open_features(self.ims_path, self.n_images)
 
 
+def pad_captions(caps) -> tuple:
+    """Word-id sequences (lists or tensors) -> captions (B, L) zero-padded (0 = <pad>), lengths (B,)."""
+    lengths = torch.tensor([len(c) for c in caps])
+    captions = torch.zeros(len(caps), int(lengths.max()), dtype=torch.long)
+    for b, c in enumerate(caps):
+        captions[b, :len(c)] = torch.as_tensor(c)
+    return captions, lengths
+
+
 def collate_fn(batch):
     """list of items -> images (B, R, img_dim), captions (B, L) zero-padded, lengths (B,),
     targets (B, K) or None, cap_ids (B,), img_ids (B,). Not sorted: the model packs unsorted."""
     images, caps, targets, cap_ids, img_ids = zip(*batch)
-    lengths = torch.tensor([len(c) for c in caps])
-    captions = torch.zeros(len(caps), int(lengths.max()), dtype=torch.long)  # 0 = <pad>
-    for b, c in enumerate(caps):
-        captions[b, :len(c)] = c
+    captions, lengths = pad_captions(caps)
     targets = None if targets[0] is None else torch.stack(targets)
     return torch.stack(images), captions, lengths, targets, torch.tensor(cap_ids), torch.tensor(img_ids)
 

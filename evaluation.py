@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from data import PrecompDataset, pad_captions
 from model import CASC, Config, Side
 from vocab import deserialize_vocab
 
@@ -41,10 +42,7 @@ def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='
     out = []
     for j0 in range(0, len(order), batch_size):
         idx = order[j0:j0 + batch_size]
-        lengths = torch.tensor([len(captions[k]) for k in idx])
-        ids = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
-        for row, k in enumerate(idx):
-            ids[row, :len(captions[k])] = torch.tensor(captions[k])
+        ids, lengths = pad_captions([captions[k] for k in idx])
         out.append((torch.tensor(idx), model.encode_captions(ids.to(device), lengths.to(device))))
     return out
 
@@ -181,7 +179,6 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     """SCAN's entry point: evaluate a checkpoint on a split, print and return the metrics.
     kw: model_path2, data_name, vocab_path, alpha, cross_attn, save_sims, device, precision,
     eval_memory_gb, examples, out, image_dir."""
-    import data
     device = pick_device(kw.get('device'))
     overrides = {'cross_attn': kw['cross_attn']} if kw.get('cross_attn') else {}
     paths = [p for p in (model_path, kw.get('model_path2')) if p]
@@ -199,7 +196,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
         if model.head is None and (model.cfg.alpha if alpha is None else alpha) != 1.0:
             raise ValueError(f'{path} has no label head, so the CASC score cannot be computed: '
                              f'pass --alpha 1 for the local score alone')
-    dataset = data.PrecompDataset(data_path, data_name, split, vocab)
+    dataset = PrecompDataset(data_path, data_name, split, vocab)
     n_folds = 5 if fold5 else 1
     n_img = dataset.n_images // n_folds
     results, pairs, seconds = [], 0, 0.0
