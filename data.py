@@ -4,14 +4,13 @@
 
 writes ``DIR/toy_precomp/{train,dev,test,testall}_{ims.npy,caps.txt}`` (see ``make_toy``).
 """
-import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import util
 from labels import image_targets
 from vocab import encode, read_captions, tokenize_all
 
@@ -29,6 +28,18 @@ def open_features(path: str, n_images=None) -> np.memmap:
         raise ValueError(f'{path}: expected a C-order float array (n_images, regions, img_dim), '
                          f'got shape {ims.shape} dtype {ims.dtype}{order}')
     return ims[:n_images]
+
+
+def check_img_dim(data_path: str, data_name: str, splits, img_dim: int, what: str = '--img_dim'):
+    """ValueError at start-up, not mid-epoch, when the splits' features are not img_dim wide
+    (only the .npy headers are read; a missing file is left to the dataset to report)."""
+    for split in splits:
+        path = os.path.join(data_path, data_name, f'{split}_ims.npy')
+        if os.path.isfile(path):
+            dim = open_features(path).shape[2]
+            if dim != img_dim:
+                raise ValueError(f'{what}: {path} holds {dim}-dim region features, not {img_dim}'
+                                 + (f' (pass --img_dim {dim})' if what == '--img_dim' else ''))
 
 
 def check_finite(path: str, ims: np.memmap, chunk_bytes: int = 16 << 20):
@@ -200,15 +211,17 @@ def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64, 
     return folder
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def parse_args(argv=None):
+    p = util.parser(__doc__)
     p.add_argument('--make_toy', metavar='DIR', required=True, help='write DIR/toy_precomp')
-    p.add_argument('--seed', type=int, default=0)
-    args = p.parse_args(argv)
-    try:
+    p.add_argument('--seed', type=int, default=0, help='random seed of the toy world')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with util.one_line_errors():
         folder = make_toy(args.make_toy, args.seed)
-    except OSError as e:
-        sys.exit(f'error: {e}')
     sizes = ', '.join(f'{s} {n}' for s, n in TOY_SPLITS.items())
     print(f'toy data written to {folder}: images per split {sizes}; 5 captions each; '
           f'features (12 regions, 64 dims)')

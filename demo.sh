@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # End to end on the built-in toy data: install, make the data, build vocabulary and labels, train,
-# evaluate with retrieval examples. Takes a few minutes on a laptop CPU. Output: runs/demo/.
+# evaluate with retrieval examples. About a minute on a laptop CPU after the install.
+#   ./demo.sh [OUT_DIR]     (default runs/demo; a rerun into the same folder starts clean)
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./install.sh
 OUT=${1:-runs/demo}
+MARK="$OUT/.casc_demo"  # marks a folder this script made, so that a rerun may clear it
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+  if [ ! -e "$MARK" ]; then
+    echo "demo: $OUT exists and was not made by demo.sh; choose an empty or new folder" >&2
+    exit 1
+  fi
+  echo "demo: clearing the earlier demo run in $OUT"
+  rm -rf "$OUT/data" "$OUT/vocab" "$OUT/log" "$OUT/examples" "$OUT"/checkpoint_*.pth.tar "$OUT/model_best.pth.tar"
+fi
+./install.sh
+mkdir -p "$OUT" && touch "$MARK"
 PY=.venv/bin/python
 DATA=(--data_path "$OUT/data" --data_name toy_precomp --vocab_path "$OUT/vocab")
 $PY data.py --make_toy "$OUT/data"

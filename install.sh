@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create ./.venv (once) and install the requirements into it. Sourced by demo.sh and test.sh.
+# Create ./.venv (once) and install the requirements into it; extra arguments are more packages
+# (./test.sh passes pytest). Run by demo.sh and test.sh; needs the package index, nothing else
+# (the NLTK data the labels need ship in vocab/nltk_data).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -12,5 +14,3 @@ if ! $PY -c 'import torch' 2>/dev/null; then
   fi
 fi
 $PY -m pip install -q -r requirements.txt "$@"
-# Offline NLTK data (tagger, stop words) where the team keeps it; elsewhere labels.py downloads it once.
-if [ -z "${NLTK_DATA:-}" ] && [ -d ../shared/nltk_data ]; then export NLTK_DATA="$(cd ../shared/nltk_data && pwd)"; fi

@@ -3,28 +3,39 @@
     python labels.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab] [--num_labels 500]
 
 writes ``{vocab_path}/{data_name}_labels.json`` with the keys labels, counts, pos_weight,
-num_images, splits. Needs NLTK's averaged_perceptron_tagger_eng and stopwords data.
+num_images, splits. An existing file with other contents is refused unless --overwrite is given.
+Uses NLTK's averaged_perceptron_tagger_eng and English stop words, shipped in vocab/nltk_data.
 """
-import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter
 
 import numpy as np
 
+import util
 from vocab import map_batches, read_captions, tokenize_all, write_json
 
+# The two NLTK resources the labels need ship with the project (no download, no network).
+SHIPPED_NLTK = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'vocab', 'nltk_data')
 NLTK_PACKAGES = {'averaged_perceptron_tagger_eng': 'taggers/averaged_perceptron_tagger_eng',
                  'stopwords': 'corpora/stopwords'}
 NOUN_TAGS = {'NN', 'NNS', 'NNP', 'NNPS'}
 KEYS = ('labels', 'counts', 'pos_weight', 'num_images', 'splits')
 
 
-def ensure_nltk():
-    """Find the tagger and stop words, downloading each once if missing; RuntimeError if offline."""
+def use_shipped_nltk():
+    """Look in vocab/nltk_data first, then in NLTK_DATA and NLTK's usual places."""
     import nltk
+    if SHIPPED_NLTK not in nltk.data.path:
+        nltk.data.path.insert(0, SHIPPED_NLTK)
+
+
+def ensure_nltk():
+    """Find the tagger and stop words (shipped in vocab/nltk_data), downloading each once if
+    missing there and elsewhere; OSError with what to do when they cannot be had."""
+    import nltk
+    use_shipped_nltk()
     missing = []
     for name, resource in NLTK_PACKAGES.items():
         try:
@@ -38,7 +49,7 @@ def ensure_nltk():
         except LookupError:
             missing.append(name)
     if missing:
-        raise RuntimeError(f'NLTK data {", ".join(missing)} not found and could not be downloaded: '
+        raise OSError(f'NLTK data {", ".join(missing)} not found and could not be downloaded: '
                            f'run `python -m nltk.downloader {" ".join(missing)}` with network, '
                            f'or set NLTK_DATA to a folder that holds them')
 
@@ -47,6 +58,7 @@ def _count_nouns(token_lists: list) -> Counter:
     """Tag one batch of sentences (in a worker process) -> Counter of its non-stop-word nouns."""
     global _TAGGER, _STOP
     if _TAGGER is None:  # once per process: loading the tagger takes ~0.2 s
+        use_shipped_nltk()  # (a spawned worker process starts with NLTK's default path)
         from nltk.corpus import stopwords
         from nltk.tag import PerceptronTagger
         _TAGGER, _STOP = PerceptronTagger(), set(stopwords.words('english'))
@@ -145,24 +157,37 @@ def load_labels(path: str) -> dict:
     return d
 
 
+def parse_args(argv=None):
+    p = util.parser(__doc__)
+    p.add_argument('--data_path', required=True, help='folder holding {data_name}/{train,dev}_caps.txt')
+    p.add_argument('--data_name', default='f30k_precomp', help='dataset folder name')
+    p.add_argument('--vocab_path', default='vocab', help='output folder of {data_name}_labels.json')
+    p.add_argument('--num_labels', type=util.positive_int, default=500, help='K, the number of labels')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing labels file with other contents')
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data_path', required=True)
-    p.add_argument('--data_name', default='f30k_precomp')
-    p.add_argument('--vocab_path', default='vocab')
-    p.add_argument('--num_labels', type=int, default=500)
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     out = os.path.join(args.vocab_path, f'{args.data_name}_labels.json')
-    try:
+    with util.one_line_errors():
+        util.check_writable(out, '--vocab_path')
         t0 = time.perf_counter()
         d = build_labels(args.data_path, args.data_name, args.num_labels)
         secs = time.perf_counter() - t0
         n_cap = sum(len(read_captions(os.path.join(args.data_path, args.data_name, f'{split}_caps.txt')))
                     for split in d['splits'])
-        os.makedirs(args.vocab_path, exist_ok=True)
+        if os.path.exists(out) and not args.overwrite:
+            try:
+                same = load_labels(out) == d
+            except ValueError:
+                same = False
+            if not same:
+                raise ValueError(f'{out} exists and holds other labels: pass --overwrite to replace it, '
+                                 f'or choose another --vocab_path')
+            print(f'{out} already holds these {len(d["labels"])} labels: left as it is')
+            return out
         save_labels(d, out)
-    except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f'error: {e}')
     print(f'{len(d["labels"])} labels written to {out}; top 10: {" ".join(d["labels"][:10])}; '
           f'tokenized and tagged {n_cap} captions at {n_cap / secs:.0f} captions/s')
     return out

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install into ./.venv and run the whole test suite (unit and end-to-end), as CI does.
+# Arguments go to pytest (e.g. ./test.sh -m "not slow", ./test.sh tests/test_train.py -x).
 set -euo pipefail
 cd "$(dirname "$0")"
-source ./install.sh pytest
+./install.sh pytest
 exec .venv/bin/python -m pytest -q "$@"

@@ -4,21 +4,22 @@
         --logger_name runs/f30k/log --model_name runs/f30k
 """
 import argparse
+import contextlib
+import glob
 import logging
 import math
 import os
 import random
-import shutil
-import sys
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+import checkpoint
 import data
 import evaluation
 import labels as labels_lib
+import util
 from model import CASC, Config
 from vocab import deserialize_vocab
 
@@ -26,30 +27,33 @@ log = logging.getLogger('casc')
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='Train CASC.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = util.parser(__doc__)
     flag = p.add_argument
+    pos_int, pos_float = util.positive_int, util.positive_float
     flag('--data_path', default='./data/', help='folder holding {data_name}/')
     flag('--data_name', default='f30k_precomp', help='f30k_precomp | coco_precomp | toy_precomp')
     flag('--vocab_path', default='./vocab/', help='folder of {data_name}_vocab.json and _labels.json')
     flag('--margin', type=float, default=0.2, help='hinge margin')
-    flag('--num_epochs', type=int, default=30)
-    flag('--batch_size', type=int, default=128)
-    flag('--word_dim', type=int, default=300)
-    flag('--embed_size', type=int, default=1024)
-    flag('--grad_clip', type=float, default=2.0, help='gradient norm clip, per optimizer')
-    flag('--num_layers', type=int, default=1, help='GRU layers')
-    flag('--learning_rate', type=float, default=2e-4, help='encoders learning rate')
-    flag('--lr_update', type=int, default=15, help='encoders lr x0.1 every N epochs')
-    flag('--workers', type=int, default=2, help='data loader processes')
-    flag('--log_step', type=int, default=10, help='log every N iterations')
-    flag('--val_step', type=int, default=500, help='also validate every N iterations')
-    flag('--logger_name', default='./runs/runX/log', help='TensorBoard and text log folder')
+    flag('--num_epochs', type=util.nonneg_int, default=30, help='epochs in all (a resumed run counts the earlier ones)')
+    flag('--batch_size', type=pos_int, default=128, help='pairs per training step')
+    flag('--word_dim', type=pos_int, default=300, help='word embedding size')
+    flag('--embed_size', type=pos_int, default=1024, help='joint embedding size d')
+    flag('--grad_clip', type=pos_float, default=2.0, help='gradient norm clip, per optimizer')
+    flag('--num_layers', type=pos_int, default=1, help='GRU layers')
+    flag('--learning_rate', type=pos_float, default=2e-4, help='encoders learning rate')
+    flag('--lr_update', type=pos_int, default=15, help='encoders lr x0.1 every N epochs')
+    flag('--workers', type=util.nonneg_int, default=2, help='data loader processes')
+    flag('--log_step', type=pos_int, default=10, help='log every N iterations')
+    flag('--val_step', type=pos_int, default=500, help='also validate every N iterations')
+    flag('--logger_name', default='./runs/runX/log', help='TensorBoard and train.log folder')
     flag('--model_name', default='./runs/runX/checkpoint', help='checkpoint folder')
-    flag('--resume', default='', metavar='PATH', help='checkpoint to resume from')
+    flag('--resume', metavar='PATH', help='checkpoint to continue from (default: start afresh)')
+    flag('--overwrite', action='store_true', help='replace the checkpoints and logs of an earlier run in '
+                                                  '--model_name and --logger_name')
     flag('--max_violation', action=argparse.BooleanOptionalAction, default=True, help='hardest negatives')
-    flag('--img_dim', type=int, default=2048)
-    flag('--no_imgnorm', action='store_true')
-    flag('--no_txtnorm', action='store_true')
+    flag('--img_dim', type=pos_int, default=2048, help='region feature size of {split}_ims.npy')
+    flag('--no_imgnorm', action='store_true', help='do not l2-normalize region embeddings')
+    flag('--no_txtnorm', action='store_true', help='do not l2-normalize word embeddings')
     flag('--raw_feature_norm', default='clipped_l2norm',
          help='clipped_l2norm|l2norm|clipped_l1norm|l1norm|clipped|softmax|no_norm')
     flag('--t2i_agg_func', default='Mean', help='Mean|Max|Sum|LogSumExp')
@@ -57,26 +61,26 @@ def parse_args(argv=None):
     flag('--cross_attn', default='all', help='t2i|i2t|all (CASC: the average of both)')
     flag('--precomp_enc_type', default='basic', help='basic|weight_norm')
     flag('--bi_gru', action=argparse.BooleanOptionalAction, default=True, help='bidirectional GRU')
-    flag('--lambda_lse', type=float, default=5.0, help='LogSumExp temperature')
-    flag('--lambda_softmax_avg', type=float, default=9.0, help='t2i attention softmax temperature')
-    flag('--lambda_softmax_lse', type=float, default=4.0, help='i2t attention softmax temperature')
-    flag('--num_labels', type=int, default=500, help='semantic labels K (0: no label head)')
-    flag('--label_hidden', type=int, default=512, help='label head hidden size')
-    flag('--label_weight', type=float, default=10.0, help='weight of the label BCE loss')
-    flag('--label_lr', type=float, default=0.01, help='label head learning rate')
-    flag('--label_lr_decay', type=float, default=0.8)
-    flag('--label_lr_update', type=int, default=3, help='label lr x label_lr_decay every N epochs')
-    flag('--alpha', type=float, default=0.8, help='weight of the local score in validation')
-    flag('--seed', type=int, default=0)
-    flag('--device', default=None, help='cuda | cpu | mps (default: cuda when present)')
+    flag('--lambda_lse', type=pos_float, default=5.0, help='LogSumExp temperature')
+    flag('--lambda_softmax_avg', type=pos_float, default=9.0, help='t2i attention softmax temperature')
+    flag('--lambda_softmax_lse', type=pos_float, default=4.0, help='i2t attention softmax temperature')
+    flag('--num_labels', type=util.nonneg_int, default=500, help='semantic labels K (0: no label head)')
+    flag('--label_hidden', type=pos_int, default=512, help='label head hidden size')
+    flag('--label_weight', type=util.nonneg_float, default=10.0, help='weight of the label BCE loss')
+    flag('--label_lr', type=pos_float, default=0.01, help='label head learning rate')
+    flag('--label_lr_decay', type=pos_float, default=0.8, help='label head lr factor')
+    flag('--label_lr_update', type=pos_int, default=3, help='label lr x label_lr_decay every N epochs')
+    flag('--alpha', type=util.nonneg_float, default=0.8, help='weight of the local score in validation')
+    flag('--seed', type=int, default=0, help='seeds the weights and the shuffle')
+    flag('--device', help='cuda | cuda:N | cpu | mps (default: cuda when present, else mps, else cpu)')
     flag('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
-    flag('--eval_memory_gb', type=float, default=2.0, help='memory budget of validation chunks')
+    flag('--eval_memory_gb', type=pos_float, default=2.0, help='memory budget of validation chunks, in GB')
     return p.parse_args(argv)
 
 
 def load_vocab_and_labels(args):
     """-> (vocab, label words, pos_weight) for args.data_name, or ValueError/OSError naming the file."""
-    vocab = deserialize_vocab(os.path.join(args.vocab_path, f'{args.data_name}_vocab.json'))
+    vocab = deserialize_vocab(vocab_file(args))
     if not args.num_labels:
         return vocab, [], None
     path = os.path.join(args.vocab_path, f'{args.data_name}_labels.json')
@@ -84,6 +88,10 @@ def load_vocab_and_labels(args):
     if args.num_labels > len(lab['labels']):
         raise ValueError(f'--num_labels {args.num_labels}: {path} has only {len(lab["labels"])} labels')
     return vocab, lab['labels'][:args.num_labels], torch.tensor(lab['pos_weight'][:args.num_labels])
+
+
+def vocab_file(args) -> str:
+    return os.path.join(args.vocab_path, f'{args.data_name}_vocab.json')
 
 
 def make_optimizers(model, args):
@@ -104,32 +112,9 @@ def set_lr(opts, epoch, args):
     return lrs[:len(opts)]
 
 
-def save_checkpoint(state, path, best_path=None):
-    """Atomic: a crash while writing leaves the previous file intact."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    if best_path:
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, best_path)
-
-
-def load_checkpoint(path, model, opts, vocab, label_words):
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if ckpt.get('vocab_size') != len(vocab):
-        raise ValueError(f'--resume {path}: made with a vocabulary of {ckpt.get("vocab_size")} words, '
-                         f'this one has {len(vocab)}')
-    if list(ckpt.get('labels', [])) != list(label_words):
-        raise ValueError(f'--resume {path}: made with another label set ({len(ckpt.get("labels", []))} labels)')
-    model.load_state_dict(ckpt['model'])
-    for opt, state in zip(opts, ckpt['optimizers']):
-        opt.load_state_dict(state)
-    return ckpt
-
-
 def validate(model, val_set, args, device, writer, step):
     sims, seconds = evaluation.evaluate_arrays(model, val_set.images, val_set.captions, device,
-                                               args.eval_memory_gb, args.alpha, args.precision, progress=False)
+                                               args.eval_memory_gb, args.alpha, args.precision, log=log.info)
     metrics = evaluation.recall_metrics(sims, val_set.im_div)
     log.info('validation (%.1f s): %s', seconds, ' '.join(f'{k} {v:.1f}' for k, v in metrics.items()))
     for k, v in metrics.items():
@@ -149,7 +134,7 @@ def train_one_epoch(model, opts, loader, pos_weight, args, state, writer, on_val
     model.train()
     device = pos_weight.device if pos_weight is not None else next(model.parameters()).device
     groups = [[p for g in opt.param_groups for p in g['params']] for opt in opts]
-    bar = tqdm(loader, desc=f'epoch {state["epoch"]}', unit='batch', dynamic_ncols=True, disable=None)
+    bar = util.progress(loader, desc=f'epoch {state["epoch"]}', unit='batch', log=log.info)
     for images, captions, lengths, targets, _, _ in bar:
         t0 = time.perf_counter()
         images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
@@ -184,47 +169,119 @@ def setup_logging(folder):
     log.setLevel(logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter('%(asctime)s %(message)s')
-    for handler in (logging.FileHandler(os.path.join(folder, 'train.log')), logging.StreamHandler()):
+    for handler in (logging.FileHandler(os.path.join(folder, 'train.log'), encoding='utf-8'),
+                    logging.StreamHandler()):
         handler.setFormatter(fmt)
         log.addHandler(handler)
 
 
-def run(args):
+def close_logging(message=None):
+    """Write a last message to train.log only (the caller prints it once to the terminal)."""
+    for handler in list(log.handlers):
+        if message and isinstance(handler, logging.FileHandler):
+            handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None))
+        handler.close()
+        log.removeHandler(handler)
+
+
+def earlier_run(args) -> tuple:
+    """(checkpoint files, log files) that an earlier run left in --model_name / --logger_name."""
+    ckpts = sorted(glob.glob(os.path.join(glob.escape(args.model_name), 'checkpoint_*.pth.tar')), key=_epoch_of)
+    ckpts += glob.glob(os.path.join(glob.escape(args.model_name), 'model_best.pth.tar'))
+    logs = glob.glob(os.path.join(glob.escape(args.logger_name), 'train.log'))
+    logs += glob.glob(os.path.join(glob.escape(args.logger_name), 'events.out.tfevents.*'))
+    return ckpts, logs
+
+
+def _epoch_of(path: str) -> int:
+    stem = os.path.basename(path)[len('checkpoint_'):-len('.pth.tar')]
+    return int(stem) if stem.isdigit() else -1
+
+
+def check_earlier_run(args, start_epoch: int) -> list:
+    """Never replace an earlier run's checkpoints or logs behind the user's back: a fresh run into
+    folders that hold them is refused, and so is a resumed run that would replace checkpoints of
+    later epochs, unless --overwrite. -> the files --overwrite will remove."""
+    ckpts, logs = earlier_run(args)
+    names = lambda paths: ', '.join(os.path.basename(p) for p in paths[:4]) + (', ...' if len(paths) > 4 else '')  # noqa
+    if args.resume:
+        later = [p for p in ckpts if _epoch_of(p) >= start_epoch]
+        if later and not args.overwrite:
+            raise ValueError(f'--model_name {args.model_name} holds checkpoints of epochs the resumed run would '
+                             f'write again ({names(later)}): pass --overwrite to replace them, or resume into '
+                             f'another --model_name')
+        return later
+    if (ckpts or logs) and not args.overwrite:
+        last = [p for p in ckpts if _epoch_of(p) >= 0][-1:]
+        hint = f'--resume {last[0]} to continue it, ' if last else ''
+        raise ValueError(f'an earlier run left {names(ckpts + logs)} in {args.model_name}'
+                         f'{"" if args.logger_name == args.model_name else " / " + args.logger_name}: pass '
+                         f'{hint}--overwrite to replace it, or choose another --model_name and --logger_name')
+    return ckpts + logs
+
+
+def run(args, saved: list):
+    """Check everything that can be checked cheaply, hold the output folders, then train.
+    `saved` receives the path of every checkpoint written (for the Ctrl-C message)."""
     from torch.utils.tensorboard import SummaryWriter
-    device = evaluation.pick_device(args.device)
+    device = util.pick_device(args.device)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     vocab, label_words, pos_weight = load_vocab_and_labels(args)
-    train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
-                                                args.workers, label_words or None, device.type == 'cuda')
     cfg = Config.from_opt(vars(args), vocab_size=len(vocab))
+    ckpt = checkpoint.read(args.resume, '--resume') if args.resume else None  # before any data is loaded
+    if ckpt is not None:
+        checkpoint.check_resume(ckpt, args.resume, cfg, vocab, vocab_file(args), label_words)
+    data.check_img_dim(args.data_path, args.data_name, ('train', 'dev'), args.img_dim)
+    with contextlib.ExitStack() as held:
+        for folder, flag in ((args.model_name, '--model_name'), (args.logger_name, '--logger_name')):
+            if flag == '--model_name' or os.path.realpath(folder) != os.path.realpath(args.model_name):
+                held.enter_context(util.FolderLock(folder, flag))
+        stale = check_earlier_run(args, ckpt['epoch'] if ckpt else 0)
+        train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
+                                                    args.workers, label_words or None, device.type == 'cuda')
+        for path in stale:  # only now: a run that fails to start leaves the earlier one as it was
+            os.remove(path)
+        setup_logging(args.logger_name)
+        if stale:
+            log.info('--overwrite: removed %s', ', '.join(stale))
+        writer = SummaryWriter(args.logger_name, purge_step=ckpt['Eiters'] if ckpt else None)
+        from tqdm.contrib.logging import logging_redirect_tqdm  # log lines do not break the bar
+        with logging_redirect_tqdm([log]):
+            return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader,
+                       writer, saved)
+
+
+def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader, writer, saved):
+    """Train from the start or from `ckpt` to --num_epochs, validating and saving every epoch."""
     model = CASC(cfg).to(device)
     opts = make_optimizers(model, args)
     state = {'epoch': 0, 'Eiters': 0, 'best_rsum': -math.inf}
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, model, opts, vocab, label_words)
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        for opt, opt_state in zip(opts, ckpt['optimizers']):
+            opt.load_state_dict(opt_state)
         state.update(epoch=ckpt['epoch'], Eiters=ckpt['Eiters'], best_rsum=ckpt['best_rsum'])
         log.info('resumed from %s at epoch %d, iteration %d', args.resume, state['epoch'], state['Eiters'])
     pos_weight = None if pos_weight is None else pos_weight.to(device)
-    writer = SummaryWriter(args.logger_name)
     log.info('%s on %s: %d training pairs, %d parameters', cfg, device, len(train_loader.dataset),
              sum(p.numel() for p in model.parameters()))
     best_path = os.path.join(args.model_name, 'model_best.pth.tar')
 
-    def checkpoint(epoch_done):
+    def checkpoint_state(epoch_done):
         return {'model': model.state_dict(), 'optimizers': [o.state_dict() for o in opts],
                 'epoch': state['epoch'] + epoch_done, 'Eiters': state['Eiters'], 'best_rsum': state['best_rsum'],
-                'opt': vars(args), 'vocab_size': len(vocab), 'labels': list(label_words)}
+                'opt': vars(args), 'vocab': vocab.words(), 'vocab_size': len(vocab), 'labels': list(label_words)}
 
     def validate_and_keep_best(epoch_done=0):
         rsum = validate(model, val_loader.dataset, args, device, writer, state['Eiters'])
         is_best = rsum > state['best_rsum']
         state['best_rsum'] = max(rsum, state['best_rsum'])
         if is_best and not epoch_done:
-            save_checkpoint(checkpoint(0), best_path)
+            checkpoint.save(checkpoint_state(0), best_path)
+            saved.append(best_path)
         return is_best
 
-    start = state['epoch']
-    for epoch in range(start, args.num_epochs):
+    for epoch in range(state['epoch'], args.num_epochs):
         state['epoch'] = epoch
         for k, lr in zip(('lr/encoders', 'lr/label_head'), set_lr(opts, epoch, args)):
             writer.add_scalar(k, lr, state['Eiters'])
@@ -232,7 +289,8 @@ def run(args):
         train_one_epoch(model, opts, train_loader, pos_weight, args, state, writer, validate_and_keep_best)
         is_best = validate_and_keep_best(epoch_done=1)
         path = os.path.join(args.model_name, f'checkpoint_{epoch}.pth.tar')
-        save_checkpoint(checkpoint(1), path, best_path if is_best else None)
+        checkpoint.save(checkpoint_state(1), path, best_path if is_best else None)
+        saved.append(path)
         log.info('epoch %d done: %s%s', epoch, path, ' (best)' if is_best else '')
     writer.close()
     return state
@@ -240,18 +298,24 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.model_name, exist_ok=True)
-    os.makedirs(args.logger_name, exist_ok=True)
-    setup_logging(args.logger_name)
-    try:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-        with logging_redirect_tqdm([log]):
-            return run(args)
-    except (OSError, ValueError, FloatingPointError) as e:
-        for handler in [h for h in log.handlers if type(h) is logging.StreamHandler]:
-            log.removeHandler(handler)  # the message goes to the log file, and once to stderr
-        log.error('error: %s', e)
-        sys.exit(f'error: {e}')
+    saved = []  # checkpoints written by this run
+
+    def interrupted():
+        last = next((p for p in reversed(saved) if 'checkpoint_' in p), None)
+        msg = (f'interrupted: the last checkpoint is {last}; continue with --resume {last}' if last else
+               f'interrupted before the first epoch ended: no checkpoint was written'
+               f'{" (model_best.pth.tar holds the best model so far)" if saved else ""}')
+        close_logging(msg)
+        return msg
+
+    with util.one_line_errors(on_interrupt=interrupted):
+        try:
+            state = run(args, saved)
+        except (OSError, ValueError, FloatingPointError) as e:
+            close_logging(f'error: {e}')
+            raise ValueError(str(e)) from None
+        close_logging()
+        return state
 
 
 if __name__ == '__main__':

@@ -3,13 +3,15 @@
     python vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab] [--threshold 4]
 
 writes ``{vocab_path}/{data_name}_vocab.json`` in SCAN's JSON format, so SCAN's published
-vocab files and ``from vocab import Vocabulary, deserialize_vocab`` work unchanged.
+vocab files and ``from vocab import Vocabulary, deserialize_vocab`` work unchanged. An existing
+file with other words is refused unless --overwrite is given.
 """
-import argparse
 import json
 import os
-import sys
+import signal
 from collections import Counter
+
+import util
 
 SPECIALS = ('<pad>', '<start>', '<end>', '<unk>')  # ids 0..3, as in SCAN
 
@@ -32,6 +34,25 @@ class Vocabulary:
     def __len__(self):
         return len(self.word2idx)
 
+    def words(self) -> list:
+        """The words in id order: what a checkpoint stores to pin its vocabulary."""
+        return [self.idx2word[i] for i in range(len(self))]
+
+    @classmethod
+    def from_words(cls, words: list) -> 'Vocabulary':
+        vocab = cls()
+        for w in words:
+            vocab.add_word(w)
+        return vocab
+
+
+def first_difference(a: list, b: list):
+    """The first id where two word lists differ (a length difference counts), or None."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
 
 def tokenize(caption: str) -> list:
     """The one tokenizer: lower-case, then NLTK's Treebank word tokenizer (no model needed)."""
@@ -43,12 +64,13 @@ def map_batches(fn, items: list, desc: str, workers: int = None, batch: int = 40
     """Yield fn(batch) for consecutive batches of items, in order, with a progress bar; spread over
     up to 8 processes (default: the CPU count) when there are enough batches to pay for them."""
     from concurrent.futures import ProcessPoolExecutor
-    from tqdm import tqdm
     batches = [items[k:k + batch] for k in range(0, len(items), batch)]
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    with tqdm(total=len(items), desc=desc, unit='cap', mininterval=1.0, disable=None) as bar:
+    with util.progress(total=len(items), desc=desc, unit='cap') as bar:
         if workers > 1 and len(batches) > 4:
-            with ProcessPoolExecutor(workers) as pool:
+            # Workers ignore Ctrl-C: the main process stops them, and no traceback per worker.
+            with ProcessPoolExecutor(workers, initializer=signal.signal,
+                                     initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
                 for part, result in zip(batches, pool.map(fn, batches)):
                     bar.update(len(part))
                     yield result
@@ -76,24 +98,34 @@ def encode(vocab: Vocabulary, tokens: list) -> list:
     return [vocab('<start>')] + [vocab(t) for t in tokens] + [vocab('<end>')]
 
 
+MAX_CAPTION_CHARS = 2000  # 5x the longest Flickr30K caption (380): longer is a broken file
+
+
 def read_captions(path: str) -> list:
-    """One caption per line (UTF-8). Raises ValueError naming the file and line of an empty one."""
+    """One caption per line (UTF-8). ValueError naming the file and line of an empty, over-long
+    (over MAX_CAPTION_CHARS: a missing line break, or not a caption file) or non-UTF-8 line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'caption file not found: {path}')
-    with open(path, encoding='utf-8') as f:
-        caps = [line.strip() for line in f]
-    for n, cap in enumerate(caps, 1):
-        if not cap:
-            raise ValueError(f'{path}: line {n} is an empty caption')
+    caps = []
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                cap = raw.decode('utf-8').strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f'{path}: line {n} is not UTF-8 text (byte {e.start}: '
+                                 f'{raw[e.start:e.start + 1]!r})') from None
+            if not cap:
+                raise ValueError(f'{path}: line {n} is an empty caption')
+            if len(cap) > MAX_CAPTION_CHARS:
+                raise ValueError(f'{path}: line {n} has {len(cap):,} characters, more than a caption '
+                                 f'can ({MAX_CAPTION_CHARS:,}): a missing line break?')
+            caps.append(cap)
     return caps
 
 
 def write_json(obj, path: str, indent=None):
     """Write JSON atomically: a crash mid-write leaves any previous file intact."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(tmp, path)
+    util.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode('utf-8')))
 
 
 def serialize_vocab(vocab: Vocabulary, path: str):
@@ -118,6 +150,13 @@ def deserialize_vocab(path: str) -> Vocabulary:
     missing = [w for w in SPECIALS if w not in vocab.word2idx]
     if missing:
         raise ValueError(f'{path}: vocabulary lacks the special tokens {missing}')
+    n = len(vocab.word2idx)
+    for word, i in vocab.word2idx.items():  # ids must be exactly 0..n-1: they index the embedding
+        if not 0 <= i < n or vocab.idx2word.get(i) != word:
+            why = f'beyond its {n} words' if not 0 <= i < n else f'but idx2word[{i}] is {vocab.idx2word.get(i)!r}'
+            raise ValueError(f'{path}: word {word!r} has id {i}, {why}')
+    if len(vocab.idx2word) != n or vocab.idx != n:
+        raise ValueError(f'{path}: {n} words in word2idx but {len(vocab.idx2word)} in idx2word and idx {vocab.idx}')
     return vocab
 
 
@@ -139,20 +178,33 @@ def build_vocab(data_path: str, data_name: str, threshold: int = 4,
     return vocab
 
 
+def parse_args(argv=None):
+    p = util.parser(__doc__)
+    p.add_argument('--data_path', required=True, help='folder holding {data_name}/{train,dev}_caps.txt')
+    p.add_argument('--data_name', default='f30k_precomp', help='dataset folder name')
+    p.add_argument('--vocab_path', default='vocab', help='output folder of {data_name}_vocab.json')
+    p.add_argument('--threshold', type=util.positive_int, default=4, help='keep words seen this many times')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing vocabulary with other words')
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--data_path', required=True)
-    p.add_argument('--data_name', default='f30k_precomp')
-    p.add_argument('--vocab_path', default='vocab')
-    p.add_argument('--threshold', type=int, default=4)
-    args = p.parse_args(argv)
-    try:
-        vocab = build_vocab(args.data_path, args.data_name, args.threshold)
-    except (OSError, ValueError) as e:
-        sys.exit(f'error: {e}')
-    os.makedirs(args.vocab_path, exist_ok=True)
+    args = parse_args(argv)
     out = os.path.join(args.vocab_path, f'{args.data_name}_vocab.json')
-    serialize_vocab(vocab, out)
+    with util.one_line_errors():
+        util.check_writable(out, '--vocab_path')
+        vocab = build_vocab(args.data_path, args.data_name, args.threshold)
+        if os.path.exists(out) and not args.overwrite:
+            try:
+                same = deserialize_vocab(out).words() == vocab.words()
+            except ValueError:
+                same = False
+            if not same:
+                raise ValueError(f'{out} exists and holds another vocabulary: pass --overwrite to replace it, '
+                                 f'or choose another --vocab_path')
+            print(f'{out} already holds this vocabulary of {len(vocab)} words: left as it is')
+            return out
+        serialize_vocab(vocab, out)
     print(f'vocabulary of {len(vocab)} words written to {out}')
     return out
 

@@ -1,5 +1,6 @@
-"""Shared fixtures. ``../shared`` (real captions, SCAN's vocab, offline NLTK data) exists in CI;
-in a user's clone the tests that need it skip with a reason."""
+"""Shared fixtures. ``../shared`` (real captions, SCAN's vocab) exists in CI; in a user's clone
+the tests that need it skip with a reason. The NLTK data the labels need ship in vocab/nltk_data,
+so no test depends on NLTK_DATA or the network."""
 import os
 import sys
 
@@ -8,9 +9,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 sys.path.insert(0, ROOT)
-
-if os.path.isdir(os.path.join(SHARED, 'nltk_data')):
-    os.environ.setdefault('NLTK_DATA', os.path.join(SHARED, 'nltk_data'))
 
 
 def shared_path(*parts):

@@ -21,7 +21,7 @@ import labels as labels_lib
 import reference as ref
 import train
 import vocab as vocab_lib
-from conftest import shared_path
+
 from evaluation import compute_sims, encode_captions, encode_images, load_model, ranks, recall_metrics
 from model import cross_attention
 
@@ -137,7 +137,6 @@ def world(tmp_path_factory):
     """Toy data (40 test images), its vocab and 20 labels, and checkpoints: A (seed 0, the full
     200-image train split), B (seed 1) and W (--precomp_enc_type weight_norm), the last two
     trained on the first 20 images only, to stay fast."""
-    shared_path('nltk_data')
     root = tmp_path_factory.mktemp('eval')
     data_path, vocab_path = root / 'data', root / 'vocab'
     data.make_toy(str(data_path), sizes=SIZES)
@@ -192,7 +191,7 @@ def local_a(world, tmp_path_factory):
 @pytest.fixture(scope='module')
 def encoded(world):
     """Checkpoint A loaded directly, the test split, and its encoded images (one Side)."""
-    model, _, _ = load_model(world.a)
+    model = load_model(world.a).model
     ds = data.PrecompDataset(world.data, 'toy_precomp', 'test', world.vocab)
     return SimpleNamespace(model=model, ds=ds, img=encode_images(model, ds.images))
 
@@ -368,7 +367,7 @@ AUTHORS_OPTS = ('data_path data_name vocab_path margin num_epochs batch_size wor
 def authors_checkpoint(world, ours, path, parts=None, n_parts=3):
     """Our checkpoint rewritten as the release does: a list of the modules' state dicts and the
     options as an argparse.Namespace, with a vocab_path that does not exist on this machine."""
-    model, opt, _ = load_model(ours)
+    model, opt = load_model(ours)[:2]
     if parts is None:
         parts = [model.img_enc.state_dict(), model.txt_enc.state_dict(), model.head.state_dict()]
     ns = argparse.Namespace(**{k: opt[k] for k in AUTHORS_OPTS})
@@ -381,8 +380,8 @@ def authors_checkpoint(world, ours, path, parts=None, n_parts=3):
 
 def test_authors_checkpoint_format_gives_the_same_scores(world, base, tmp_path):
     path = authors_checkpoint(world, world.a, tmp_path / 'authors.pth.tar')
-    message = exit_message(world, path, vocab_path=False)  # its own vocab_path is not on this machine
-    assert '/nonexistent/authors/vocab/toy_precomp_vocab.json' in message
+    message = exit_message(world, path, vocab_path=False)  # it stores no vocabulary: --vocab_path is required
+    assert path in message and 'stores no vocabulary' in message and '--vocab_path' in message
     metrics, sims = eval_sims(world, tmp_path, path)
     np.testing.assert_array_equal(sims, base.sims)
     assert metrics == base.metrics
@@ -390,7 +389,7 @@ def test_authors_checkpoint_format_gives_the_same_scores(world, base, tmp_path):
 
 def test_authors_weight_norm_checkpoint_with_old_key_names_loads(world, tmp_path):
     _, ours = eval_sims(world, tmp_path, world.w, name='ours.npy')
-    model, _, _ = load_model(world.w)
+    model = load_model(world.w).model
     assert 'fc.parametrizations.weight.original0' in model.img_enc.state_dict()
     # What torch.nn.utils.weight_norm (before parametrizations) saved: fc.weight_g, fc.weight_v, fc.bias.
     old = nn.Linear(64, 32)
@@ -443,7 +442,8 @@ def test_loading_never_unpickles_arbitrary_objects(world, tmp_path):
     path = str(tmp_path / 'trap.pth.tar')
     torch.save(ckpt, path)
     message = exit_message(world, path)
-    assert path in message and 'not a readable' in message
+    assert path in message and 'refused' in message and 'could run code' in message
+    assert 'weights_only' not in message  # torch's advice to turn the safety off is not passed on
     assert not marker.exists()
     # The trap is real: an unrestricted load runs it.
     assert torch.load(path, map_location='cpu', weights_only=False)['opt']['payload'] == 'sprung'
@@ -474,9 +474,14 @@ def test_vocabulary_of_another_size_names_the_file_and_both_sizes(world, tmp_pat
     os.makedirs(tmp_path / 'v')
     vocab_file = str(tmp_path / 'v' / 'toy_precomp_vocab.json')
     vocab_lib.serialize_vocab(small, vocab_file)
-    message = exit_message(world, world.a, '--vocab_path', str(tmp_path / 'v'), vocab_path=False)
-    assert vocab_file in message and world.a in message
+    # A checkpoint that stores no vocabulary (the authors' format) trusts --vocab_path, but not its size.
+    path = authors_checkpoint(world, world.a, tmp_path / 'authors.pth.tar')
+    message = exit_message(world, path, '--vocab_path', str(tmp_path / 'v'), vocab_path=False)
+    assert vocab_file in message and path in message
     assert re.search(r'\b10\b', message) and re.search(rf'\b{len(world.vocab)}\b', message)
+    # This project's checkpoints store their vocabulary: a shorter one is named at its first missing id.
+    message = exit_message(world, world.a, '--vocab_path', str(tmp_path / 'v'), vocab_path=False)
+    assert vocab_file in message and world.a in message and 'id 10 is missing (it has 10 words)' in message
 
 
 def test_missing_split_names_the_missing_file(world):

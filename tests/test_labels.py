@@ -5,7 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import shared_path
+
 from test_vocab import caption_folder
 
 import labels as LB
@@ -15,7 +15,6 @@ from vocab import read_captions, tokenize
 @pytest.fixture(scope='module')
 def real(tmp_path_factory):
     """Labels built from a folder whose train/dev captions are the real dev/test captions."""
-    shared_path('nltk_data')
     root = caption_folder(tmp_path_factory.mktemp('data'))
     tokens = {s: [tokenize(c) for c in read_captions(str(root / 'f30k' / f'{s}_caps.txt'))]
               for s in ('train', 'dev')}
@@ -24,6 +23,7 @@ def real(tmp_path_factory):
 
 def test_labels_are_the_most_frequent_non_stop_word_nouns(real):
     import nltk
+    LB.use_shipped_nltk()
     from nltk.corpus import stopwords
     d, tokens = real
     stop = set(stopwords.words('english'))
@@ -76,7 +76,6 @@ def test_caps_per_image_reads_the_feature_count(tmp_path):
 
 
 def test_more_labels_than_nouns_names_the_flag(tmp_path):
-    shared_path('nltk_data')
     os.makedirs(tmp_path / 'toy')
     for split in ('train', 'dev'):
         (tmp_path / 'toy' / f'{split}_caps.txt').write_text('a dog on the grass .\n' * 5, encoding='utf-8')
@@ -107,7 +106,6 @@ def test_load_labels_rejects_a_bad_file_naming_it(tmp_path, text):
 
 
 def test_cli_writes_the_labels_json(tmp_path, capsys):
-    shared_path('nltk_data')
     root = caption_folder(tmp_path / 'data', n=200)
     argv = ['--data_path', str(root), '--data_name', 'f30k', '--vocab_path', str(tmp_path / 'vocab')]
     out = LB.main(argv + ['--num_labels', '20'])
@@ -125,9 +123,10 @@ def test_ensure_nltk_offline_raises_one_clear_line(tmp_path, monkeypatch, capsys
     import nltk
     monkeypatch.setenv('NLTK_DATA', str(tmp_path))
     monkeypatch.setattr(nltk.data, 'path', [str(tmp_path)])
+    monkeypatch.setattr(LB, 'SHIPPED_NLTK', str(tmp_path / 'not_shipped'))
     calls = []
     monkeypatch.setattr(nltk, 'download', lambda name, **kw: calls.append(name) or False)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(OSError) as e:
         LB.ensure_nltk()
     msg = str(e.value)
     assert '\n' not in msg and 'NLTK_DATA' in msg

@@ -11,7 +11,7 @@ import data
 import labels
 import train
 import vocab
-from conftest import ROOT, shared_path
+from conftest import ROOT
 
 SIZES = {'train': 400, 'dev': 60, 'test': 40, 'testall': 50}
 SMALL = ['--img_dim', '64', '--embed_size', '32', '--word_dim', '16', '--num_labels', '20',
@@ -21,7 +21,6 @@ SMALL = ['--img_dim', '64', '--embed_size', '32', '--word_dim', '16', '--num_lab
 @pytest.fixture(scope='module')
 def toy(tmp_path_factory):
     """A small toy precomp folder with its vocabulary and labels -> (root, common train args)."""
-    shared_path('nltk_data')  # labels need the NLTK tagger; skips in a clone without ../shared
     root = tmp_path_factory.mktemp('toy')
     data.make_toy(str(root / 'data'), sizes=SIZES)
     common = ['--data_path', str(root / 'data'), '--data_name', 'toy_precomp', '--vocab_path', str(root / 'vocab')]
@@ -64,7 +63,7 @@ def test_checkpoint_holds_everything_and_loads_in_a_fresh_process(toy):
     assert (out / 'model_best.pth.tar').exists()
     assert not [f for f in os.listdir(out) if '.tmp' in f]  # atomic writes leave no temporaries
     code = ('import sys, torch; sys.path.insert(0, sys.argv[2]); import evaluation; '
-            'm, opt, lab = evaluation.load_model(sys.argv[1]); print(type(m).__name__, len(lab), opt["num_epochs"])')
+            'm, opt, lab, _ = evaluation.load_model(sys.argv[1]); print(type(m).__name__, len(lab), opt["num_epochs"])')
     res = subprocess.run([sys.executable, '-c', code, str(path), ROOT], capture_output=True, text=True, check=True)
     assert res.stdout.split() == ['CASC', '20', '1']
 
@@ -155,7 +154,9 @@ def test_resume_with_another_vocabulary_or_label_set_is_refused(toy, tmp_path):
         train.main(['--data_path', str(root / 'data'), '--data_name', 'toy_precomp', '--vocab_path', str(other),
                     '--logger_name', str(tmp_path / 'l'), '--model_name', str(tmp_path / 'm'), '--resume', str(first),
                     '--num_epochs', '2'] + SMALL)
-    assert 'vocabulary' in str(e.value.code) and str(len(v)) in str(e.value.code)
+    msg = str(e.value.code)
+    assert 'vocabulary' in msg and str(first) in msg and str(other / 'toy_precomp_vocab.json') in msg
+    assert f"id {len(v) - 1} is 'zebra-striped-word' there but missing" in msg
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy):

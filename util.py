@@ -1,0 +1,260 @@
+"""What every command-line script shares: progress, safe writes, the folder lock, flag types and
+help, one-line errors, the device. Nothing here knows about CASC itself."""
+import argparse
+import contextlib
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+
+# ---------------------------------------------------------------------------------------------
+# Progress: a tqdm bar in a terminal; elsewhere (a log file, CI, nohup) a line every 30 s.
+
+
+def _num(x: float, scale: bool) -> str:
+    if not scale or abs(x) < 1000:
+        return f'{x:,.0f}' if float(x).is_integer() or abs(x) >= 100 else f'{x:.1f}'
+    for div, suffix in ((1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+        if abs(x) >= div:
+            return f'{x / div:.1f}{suffix}'
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '2 h 07 min'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f'{seconds} s'
+    if seconds < 3600:
+        return f'{seconds // 60} min {seconds % 60:02d} s'
+    return f'{seconds // 3600} h {seconds % 3600 // 60:02d} min'
+
+
+class LogProgress:
+    """tqdm's interface (iterate, update, set_postfix, close) for output that is not a terminal:
+    every `interval` seconds one line 'desc: done/total unit (p%), rate unit/s, T left', and a last
+    line with the total time when the loop took longer than one interval."""
+
+    def __init__(self, iterable=None, total=None, desc='', unit='it', unit_scale=False, log=None,
+                 interval=None):
+        self.iterable, self.desc, self.unit, self.scale = iterable, desc, unit, unit_scale
+        self.total = len(iterable) if total is None and hasattr(iterable, '__len__') else total
+        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        env = os.environ.get('CASC_PROGRESS_SECONDS')
+        self.interval = interval if interval is not None else float(env) if env else 30.0
+        self.n, self.postfix, self.lines, self.closed = 0, {}, 0, False
+        self.t0 = self.last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def set_postfix(self, **kw):
+        self.postfix = kw
+
+    def update(self, n: int = 1):
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._line(now - self.t0, final=False)
+
+    def close(self):
+        if not self.closed and self.lines:
+            self._line(time.monotonic() - self.t0, final=True)
+        self.closed = True
+
+    def _line(self, elapsed: float, final: bool):
+        rate = self.n / max(elapsed, 1e-9)
+        done = _num(self.n, self.scale)
+        if self.total:
+            done += f'/{_num(self.total, self.scale)} {self.unit} ({100 * self.n / self.total:.0f}%)'
+        else:
+            done += f' {self.unit}'
+        parts = [f'{self.desc}: {done}', f'{_num(rate, self.scale)} {self.unit}/s']
+        if final:
+            parts.append(f'done in {duration(elapsed)}')
+        elif self.total and rate > 0:
+            parts.append(f'{duration((self.total - self.n) / rate)} left')
+        parts += [f'{k} {v}' for k, v in self.postfix.items()]
+        self.log(', '.join(parts))
+        self.lines += 1
+
+
+def progress(iterable=None, *, total=None, desc='', unit='it', unit_scale=False, log=None,
+             enabled: bool = True):
+    """A progress bar (tqdm) when stderr is a terminal, else a LogProgress that writes through
+    `log` (default: stderr). enabled=False: neither (the object still counts)."""
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
+                    dynamic_ncols=True, mininterval=0.5)
+    bar = LogProgress(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, log=log)
+    if not enabled:
+        bar.interval = math.inf
+    return bar
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes, writable outputs, the folder lock.
+
+
+def atomic_write(path: str, write):
+    """write(binary file) into a temporary file beside `path`, flushed to disk, then renamed onto
+    it: a crash or a full disk leaves any previous file intact and no partial file behind."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def check_writable(path: str, flag: str, folder: bool = False):
+    """Fail now, with one line naming the flag, if an output file (or folder) cannot be written:
+    before the work that produces it, not after. Creates missing parent folders."""
+    target = path if folder else os.path.dirname(os.path.abspath(path))
+    if not folder and os.path.isdir(path):
+        raise ValueError(f'{flag} {path}: is a folder, expected a file name')
+    try:
+        os.makedirs(target, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        raise ValueError(f'{flag} {path}: cannot write there ({e.strerror or e})') from None
+
+
+class FolderLock:
+    """Hold `folder` for this process alone while it runs: an OS lock (flock) on folder/.lock,
+    which the OS releases when the process ends however it ends, so a lock is never stale. A
+    second holder, in this or another process, is refused with one line naming the first."""
+
+    def __init__(self, folder: str, flag: str):
+        self.folder, self.flag, self.fd = folder, flag, None
+
+    def __enter__(self):
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(os.path.join(self.folder, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock(fd)
+        except OSError:
+            holder = os.read(fd, 1000).decode('utf-8', 'replace').strip() or 'another process'
+            os.close(fd)
+            raise ValueError(f'{self.flag} {self.folder} is in use by {holder}: wait for that run to end '
+                             f'or choose another {self.flag}') from None
+        os.ftruncate(fd, 0)
+        os.write(fd, (f'pid {os.getpid()} on {socket.gethostname()} since '
+                      f'{time.strftime("%Y-%m-%d %H:%M:%S")} ({" ".join(sys.argv[:1])})').encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
+def _lock(fd: int):
+    try:
+        import fcntl
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: checked types, help that shows each default once, one-line errors, the device.
+
+
+def _number(kind, test, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}') from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f'expected {what}, got {text!r}')
+        return value
+
+    return parse
+
+
+positive_float = _number(float, lambda v: v > 0, 'a positive number')
+nonneg_float = _number(float, lambda v: v >= 0, 'a number >= 0')
+finite_float = _number(float, lambda v: True, 'a finite number')
+positive_int = _number(int, lambda v: v > 0, 'a positive integer')
+nonneg_int = _number(int, lambda v: v >= 0, 'an integer >= 0')
+
+
+class Help(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default, said once: '(default: X)', '(required)', or the
+    '(default: ...)' the help text already spells out (for defaults computed at run time)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if action.required:
+            return f'{text} (required)'.strip()
+        if '(default' in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f'{text} (default: {"on" if action.default else "off"})'.strip()
+        if action.nargs == 0:  # store_true
+            return f'{text} (default: off)'.strip()
+        return f'{text} (default: %(default)s)'.strip()
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An ArgumentParser whose --help shows the module docstring (usage examples) and defaults."""
+    return argparse.ArgumentParser(description=doc, formatter_class=Help)
+
+
+@contextlib.contextmanager
+def one_line_errors(on_interrupt=None):
+    """Turn a bad file or flag (OSError, ValueError) into 'error: ...' and exit 1, and Ctrl-C into
+    on_interrupt()'s line (default 'interrupted') and exit 130, the shell's code for SIGINT."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(on_interrupt() if on_interrupt else 'interrupted', file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (OSError, ValueError) as e:
+        sys.exit(f'error: {e}')
+
+
+def pick_device(name=None):
+    """--device, checked (one line when this machine lacks it); by default CUDA when present,
+    else Apple MPS, else the CPU."""
+    import torch
+    if not name:
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        return torch.device('mps' if torch.backends.mps.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name}: expected cpu, cuda, cuda:N or mps') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {name}: no CUDA device here (torch {torch.__version__}); use --device cpu')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f'--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f'--device {name}: Apple MPS is not available here; use --device cpu')
+    if device.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f'--device {name}: expected cpu, cuda, cuda:N or mps')
+    return device
