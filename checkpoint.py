@@ -9,6 +9,7 @@ evaluation then needs --vocab_path and trusts it.
 import argparse
 import os
 import pickle
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -23,11 +24,13 @@ SIZE_FIELDS = ('vocab_size', 'word_dim', 'embed_size', 'img_dim', 'num_layers', 
 
 
 def save(state: dict, path: str, best_path: str = None):
-    """Atomic: a crash or a full disk while writing leaves the previous file intact."""
-    util.atomic_write(path, lambda f: torch.save(state, f))
-    if best_path:
-        with open(path, 'rb') as src:
-            util.atomic_write(best_path, lambda f: f.write(src.read()))
+    """Atomic: a crash or a full disk while writing leaves the previous file intact. The best copy
+    is written first: a checkpoint on disk is never newer than the model_best.pth.tar it counts on."""
+    first, second = (best_path, path) if best_path else (path, None)
+    util.atomic_write(first, lambda f: torch.save(state, f))
+    if second:
+        with open(first, 'rb') as src:
+            util.atomic_write(second, lambda f: f.write(src.read()))
 
 
 def read(path: str, flag: str = '--model_path') -> dict:
@@ -36,7 +39,9 @@ def read(path: str, flag: str = '--model_path') -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{flag} {path}: checkpoint not found')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the authors' opt
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():  # the authors' opt
+            # a plain pickle (protocol 4+) draws torch's advice to file an issue: noise before our one line
+            warnings.filterwarnings('ignore', 'Detected pickle protocol', UserWarning)
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'GLOBAL' in str(e):  # torch's advice to drop weights_only is deliberately not passed on

@@ -33,15 +33,19 @@ def encode_images(model: CASC, images, batch_size: int = 256, device='cpu') -> S
 
 
 @torch.inference_mode()
-def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='cpu') -> list:
+def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='cpu', progress: bool = False,
+                    log=None) -> list:
     """captions: lists of word ids -> [(caption indices (n,), Side)], batches of similar length
     (sorted longest first), so each batch is padded only to its own longest caption."""
     order = sorted(range(len(captions)), key=lambda k: -len(captions[k]))
     out = []
+    bar = util.progress(total=len(captions), desc='encoding captions', unit='cap', log=log, enabled=progress)
     for j0 in range(0, len(order), batch_size):
         idx = order[j0:j0 + batch_size]
         ids, lengths = pad_captions([captions[k] for k in idx])
         out.append((torch.tensor(idx), model.encode_captions(ids.to(device), lengths.to(device))))
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
@@ -106,7 +110,7 @@ def evaluate_arrays(model: CASC, images, captions: list, device='cpu', memory_gb
     was_training = model.training
     model.eval()
     img = encode_images(model, images, device=device)
-    caps = encode_captions(model, captions, device=device)
+    caps = encode_captions(model, captions, device=device, progress=progress, log=log)
     t0 = time.perf_counter()
     sims = compute_sims(model, img, caps, memory_gb, alpha, precision, progress, log)
     seconds = time.perf_counter() - t0  # compute_sims ends by copying to the CPU: GPU work is done
@@ -125,8 +129,11 @@ def write_sims(path: str, sims: Tensor, im_div: int):
     """The score matrix as float32 .npy, and 1-based ranks beside it ({stem}_ranks.npz); atomic."""
     util.atomic_write(path, lambda f: np.save(f, sims.numpy().astype(np.float32)))
     i2t, t2i = ranks(sims, im_div)
-    util.atomic_write(os.path.splitext(path)[0] + '_ranks.npz',
-                      lambda f: np.savez(f, i2t=i2t.numpy() + 1, t2i=t2i.numpy() + 1))
+    util.atomic_write(_ranks_path(path), lambda f: np.savez(f, i2t=i2t.numpy() + 1, t2i=t2i.numpy() + 1))
+
+
+def _ranks_path(sims_path: str) -> str:
+    return os.path.splitext(sims_path)[0] + '_ranks.npz'
 
 
 def _fold_paths(save_path, n_folds: int) -> list:
@@ -151,9 +158,13 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     return the metrics. Every input and output is checked before any scoring work."""
     if not (eval_memory_gb > 0 and np.isfinite(eval_memory_gb)):
         raise ValueError(f'--eval_memory_gb {eval_memory_gb}: expected a positive number')
-    for path, flag in ((save_sims, '--save_sims'), (examples and out, '--out')):
+    for path in _fold_paths(save_sims, 5 if fold5 else 1):  # every file written, not only FILE.npy
         if path:
-            util.check_writable(path, flag, folder=flag == '--out')
+            util.check_writable(path, '--save_sims')
+            util.check_writable(_ranks_path(path), '--save_sims')
+    if examples:
+        util.check_writable(out, '--out', folder=True)
+        util.check_writable(os.path.join(out, 'examples.md'), '--out')
     device = util.pick_device(device)
     overrides = {'cross_attn': cross_attn} if cross_attn else {}
     paths = [p for p in (model_path, model_path2) if p]

@@ -1,7 +1,10 @@
 """Train CASC (SCAN's flags, plus the label head's).
 
-    python train.py --data_path DATA --data_name f30k_precomp --vocab_path vocab \
+    python train.py --data_path DATA --data_name f30k_precomp --vocab_path vocab \\
         --logger_name runs/f30k/log --model_name runs/f30k
+
+A run holds --model_name and --logger_name while it runs, and never replaces an earlier run's
+checkpoints or logs there unless --resume (continue it) or --overwrite (replace it) says so.
 """
 import argparse
 import contextlib
@@ -222,7 +225,8 @@ def check_earlier_run(args, start_epoch: int) -> list:
 
 def run(args, saved: list):
     """Check everything that can be checked cheaply, hold the output folders, then train.
-    `saved` receives the path of every checkpoint written (for the Ctrl-C message)."""
+    `saved` receives the path of every checkpoint this run writes, before writing it (for the
+    Ctrl-C message: writes are atomic, so the ones that exist are complete)."""
     from torch.utils.tensorboard import SummaryWriter
     device = util.pick_device(args.device)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -277,8 +281,8 @@ def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, v
         is_best = rsum > state['best_rsum']
         state['best_rsum'] = max(rsum, state['best_rsum'])
         if is_best and not epoch_done:
-            checkpoint.save(checkpoint_state(0), best_path)
             saved.append(best_path)
+            checkpoint.save(checkpoint_state(0), best_path)
         return is_best
 
     for epoch in range(state['epoch'], args.num_epochs):
@@ -289,8 +293,8 @@ def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, v
         train_one_epoch(model, opts, train_loader, pos_weight, args, state, writer, validate_and_keep_best)
         is_best = validate_and_keep_best(epoch_done=1)
         path = os.path.join(args.model_name, f'checkpoint_{epoch}.pth.tar')
+        saved.append(path)  # before writing: a Ctrl-C just after the write still names it
         checkpoint.save(checkpoint_state(1), path, best_path if is_best else None)
-        saved.append(path)
         log.info('epoch %d done: %s%s', epoch, path, ' (best)' if is_best else '')
     writer.close()
     return state
@@ -298,13 +302,14 @@ def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, v
 
 def main(argv=None):
     args = parse_args(argv)
-    saved = []  # checkpoints written by this run
+    saved = []  # checkpoints this run writes (or began to write: the complete ones exist)
 
     def interrupted():
-        last = next((p for p in reversed(saved) if 'checkpoint_' in p), None)
+        done = [p for p in saved if os.path.exists(p)]
+        last = next((p for p in reversed(done) if os.path.basename(p).startswith('checkpoint_')), None)
         msg = (f'interrupted: the last checkpoint is {last}; continue with --resume {last}' if last else
                f'interrupted before the first epoch ended: no checkpoint was written'
-               f'{" (model_best.pth.tar holds the best model so far)" if saved else ""}')
+               f'{" (model_best.pth.tar holds the best model so far)" if done else ""}')
         close_logging(msg)
         return msg
 

@@ -41,8 +41,7 @@ class LogProgress:
         self.iterable, self.desc, self.unit, self.scale = iterable, desc, unit, unit_scale
         self.total = len(iterable) if total is None and hasattr(iterable, '__len__') else total
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        env = os.environ.get('CASC_PROGRESS_SECONDS')
-        self.interval = interval if interval is not None else float(env) if env else 30.0
+        self.interval = interval if interval is not None else progress_seconds()
         self.n, self.postfix, self.lines, self.closed = 0, {}, 0, False
         self.t0 = self.last = time.monotonic()
 
@@ -88,6 +87,18 @@ class LogProgress:
         parts += [f'{k} {v}' for k, v in self.postfix.items()]
         self.log(', '.join(parts))
         self.lines += 1
+
+
+def progress_seconds() -> float:
+    """Seconds between progress lines off a terminal: CASC_PROGRESS_SECONDS, default 30."""
+    env = os.environ.get('CASC_PROGRESS_SECONDS', '30')
+    try:
+        seconds = float(env)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:
+        raise ValueError(f'CASC_PROGRESS_SECONDS={env!r}: expected a number of seconds >= 0')
+    return seconds
 
 
 def progress(iterable=None, *, total=None, desc='', unit='it', unit_scale=False, log=None,
@@ -147,8 +158,11 @@ class FolderLock:
         self.folder, self.flag, self.fd = folder, flag, None
 
     def __enter__(self):
-        os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(os.path.join(self.folder, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(os.path.join(self.folder, '.lock'), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f'{self.flag} {self.folder}: cannot use it as a folder ({e.strerror or e})') from None
         try:
             _lock(fd)
         except OSError:

@@ -110,7 +110,7 @@ def read_captions(path: str) -> list:
     with open(path, 'rb') as f:
         for n, raw in enumerate(f, 1):
             try:
-                cap = raw.decode('utf-8').strip()
+                cap = raw.decode('utf-8-sig' if n == 1 else 'utf-8').strip()  # a BOM (Windows editors) is no word
             except UnicodeDecodeError as e:
                 raise ValueError(f'{path}: line {n} is not UTF-8 text (byte {e.start}: '
                                  f'{raw[e.start:e.start + 1]!r})') from None
