@@ -20,6 +20,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import evaluation
+import util
 from model import CASC, Config
 from vocab import read_captions, tokenize
 
@@ -33,17 +34,17 @@ R, IMG_DIM, VOCAB = 36, 2048, 8481
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--n_img', type=int, default=1000)
-    p.add_argument('--n_cap', type=int, default=5000)
-    p.add_argument('--ref_caps', type=int, default=20, help="captions scored by the authors' loop")
-    p.add_argument('--skip_train', action='store_true')
-    p.add_argument('--batch_size', type=int, default=128)
-    p.add_argument('--train_steps', type=int, default=3, help='timed engine steps (reference: 1 on CPU)')
-    p.add_argument('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'))
-    p.add_argument('--eval_memory_gb', type=float, default=2.0)
-    p.add_argument('--seed', type=int, default=0)
+    p = util.parser(__doc__)
+    p.add_argument('--device', help='cpu | cuda | cuda:N | mps (default: cuda, else mps, else cpu)')
+    p.add_argument('--n_img', type=util.positive_int, default=1000, help='images of the evaluation benchmark')
+    p.add_argument('--n_cap', type=util.positive_int, default=5000, help='captions of the evaluation benchmark')
+    p.add_argument('--ref_caps', type=util.positive_int, default=20, help="captions scored by the authors' loop")
+    p.add_argument('--skip_train', action='store_true', help='time the evaluation only')
+    p.add_argument('--batch_size', type=util.positive_int, default=128, help='pairs of the timed training step')
+    p.add_argument('--train_steps', type=util.positive_int, default=3, help='timed engine steps (reference: 1 on CPU)')
+    p.add_argument('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
+    p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0, help='memory budget of one chunk, in GB')
+    p.add_argument('--seed', type=int, default=0, help='seeds the random inputs and weights')
     p.add_argument('--_train_worker', choices=('engine', 'reference'), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -205,7 +206,8 @@ def bench_train(argv: list, args) -> list:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    device = torch.device(args.device)
+    with util.one_line_errors():
+        device = util.pick_device(args.device)
     pool, source = length_pool()
     if args._train_worker:
         return train_worker(args, pool, device)

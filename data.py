@@ -47,13 +47,14 @@ def check_finite(path: str, ims: np.memmap, chunk_bytes: int = 16 << 20):
     into one chunk at a time, not through the mmap, so resident memory stays flat."""
     n_img, per_img = len(ims), int(np.prod(ims.shape[1:]))
     step = max(1, chunk_bytes // (per_img * ims.itemsize))
-    with open(path, 'rb') as f:
+    with open(path, 'rb') as f, util.progress(total=n_img, desc='checking features', unit='img', leave=False) as bar:
         f.seek(ims.offset)
         for i0 in range(0, n_img, step):
             block = np.fromfile(f, dtype=ims.dtype, count=min(step, n_img - i0) * per_img)
             ok = np.isfinite(block.reshape(-1, per_img)).all(1)  # (chunk,)
             if not ok.all():
                 raise ValueError(f'{path}: image {i0 + int(np.argmin(ok))} has NaN or inf features')
+            bar.update(len(ok))
 
 
 class PrecompDataset(Dataset):

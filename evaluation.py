@@ -39,7 +39,8 @@ def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='
     (sorted longest first), so each batch is padded only to its own longest caption."""
     order = sorted(range(len(captions)), key=lambda k: -len(captions[k]))
     out = []
-    bar = util.progress(total=len(captions), desc='encoding captions', unit='cap', log=log, enabled=progress)
+    bar = util.progress(total=len(captions), desc='encoding captions', unit='cap', log=log, enabled=progress,
+                        leave=False)
     for j0 in range(0, len(order), batch_size):
         idx = order[j0:j0 + batch_size]
         ids, lengths = pad_captions([captions[k] for k in idx])

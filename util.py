@@ -54,8 +54,10 @@ class LogProgress:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        self.closed = True  # an error or Ctrl-C ended the loop: no 'done' line
 
     def set_postfix(self, **kw):
         self.postfix = kw
@@ -102,13 +104,14 @@ def progress_seconds() -> float:
 
 
 def progress(iterable=None, *, total=None, desc='', unit='it', unit_scale=False, log=None,
-             enabled: bool = True):
-    """A progress bar (tqdm) when stderr is a terminal, else a LogProgress that writes through
-    `log` (default: stderr). enabled=False: neither (the object still counts)."""
+             enabled: bool = True, leave: bool = True):
+    """A progress bar (tqdm) when stderr is a terminal (leave=False: erased when done), else a
+    LogProgress that writes through `log` (default: stderr). enabled=False: neither (the object
+    still counts)."""
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
-                    dynamic_ncols=True, mininterval=0.5)
+                    dynamic_ncols=True, mininterval=0.5, leave=leave)
     bar = LogProgress(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, log=log)
     if not enabled:
         bar.interval = math.inf

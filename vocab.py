@@ -69,11 +69,13 @@ def map_batches(fn, items: list, desc: str, workers: int = None, batch: int = 40
     with util.progress(total=len(items), desc=desc, unit='cap') as bar:
         if workers > 1 and len(batches) > 4:
             # Workers ignore Ctrl-C: the main process stops them, and no traceback per worker.
-            with ProcessPoolExecutor(workers, initializer=signal.signal,
-                                     initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+            pool = ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+            try:
                 for part, result in zip(batches, pool.map(fn, batches)):
                     bar.update(len(part))
                     yield result
+            finally:  # on Ctrl-C or an error, drop the batches not started yet
+                pool.shutdown(cancel_futures=True)
         else:
             for part in batches:
                 result = fn(part)

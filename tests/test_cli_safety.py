@@ -465,7 +465,7 @@ def test_dataset_reads_crlf_captions_as_lf(tmp_path):
 
 # ---------------------------------------------------------------- --help of every script
 
-SCRIPTS = ('vocab.py', 'labels.py', 'data.py', 'train.py', 'evaluation.py')
+SCRIPTS = ('vocab.py', 'labels.py', 'data.py', 'train.py', 'evaluation.py', 'bench.py')
 
 
 def help_entries(text: str) -> dict:
@@ -560,3 +560,36 @@ def test_labels_use_the_shipped_nltk_data(tmp_path):
     assert '3 labels written to' in proc.stdout
     assert labels_lib.load_labels(str(tmp_path / 'out' / 'caps_labels.json'))['labels'][:1] == ['dog']
     assert os.listdir(tmp_path / 'nltk_data') == [] and os.listdir(tmp_path / 'home') == []
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['vocab.py', 'labels.py'])
+def test_ctrl_c_while_tokenizing_in_worker_processes_exits_130_at_once_writing_nothing(tmp_path, script):
+    """Ctrl-C reaches the whole process group, the worker processes included: one line, exit 130,
+    no traceback from any process, the batches not yet started are dropped, no file written."""
+    import signal
+    import time
+    folder = tmp_path / 'big'
+    folder.mkdir()
+    words = 'dog cat man woman boy girl horse ball tree bench red blue green white'.split()
+    rng = np.random.default_rng(0)
+    lines = [' '.join(rng.choice(words, 12)) + ' .' for _ in range(120_000)]  # ~40 s of tokenizing on 2 cores
+    (folder / 'train_caps.txt').write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    (folder / 'dev_caps.txt').write_text('\n'.join(lines[:500]) + '\n', encoding='utf-8')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), '--data_path', str(tmp_path),
+                             '--data_name', 'big', '--vocab_path', str(tmp_path / 'out'), '--num_labels', '5'][
+                                :None if script == 'labels.py' else -2],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, 'CASC_PROGRESS_SECONDS': '0'})
+    first = proc.stderr.readline()  # the first progress line: the workers are busy
+    assert first.startswith('tokenizing train: '), first
+    t0 = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    err = first + proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and time.time() - t0 < 15
+    assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
+    assert err.strip().splitlines()[-1] == 'interrupted'
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
