@@ -177,14 +177,7 @@ def main(argv=None):
         secs = time.perf_counter() - t0
         n_cap = sum(len(read_captions(os.path.join(args.data_path, args.data_name, f'{split}_caps.txt')))
                     for split in d['splits'])
-        if os.path.exists(out) and not args.overwrite:
-            try:
-                same = load_labels(out) == d
-            except ValueError:
-                same = False
-            if not same:
-                raise ValueError(f'{out} exists and holds other labels: pass --overwrite to replace it, '
-                                 f'or choose another --vocab_path')
+        if not args.overwrite and util.already_written(out, lambda path: load_labels(path) == d, 'other labels'):
             print(f'{out} already holds these {len(d["labels"])} labels: left as it is')
             return out
         save_labels(d, out)

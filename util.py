@@ -138,6 +138,21 @@ def atomic_write(path: str, write):
         raise
 
 
+def already_written(path: str, same, other: str) -> bool:
+    """Before replacing an existing output file: True when it already holds the same contents
+    (same(path), which may raise ValueError for an unreadable file: that counts as other), else
+    ValueError naming it and --overwrite; False when there is no such file."""
+    if not os.path.exists(path):
+        return False
+    try:
+        if same(path):
+            return True
+    except ValueError:
+        pass
+    raise ValueError(f'{path} exists and holds {other}: pass --overwrite to replace it, or choose another '
+                     f'--vocab_path')
+
+
 def check_writable(path: str, flag: str, folder: bool = False):
     """Fail now, with one line naming the flag, if an output file (or folder) cannot be written:
     before the work that produces it, not after. Creates missing parent folders."""

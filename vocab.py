@@ -196,14 +196,8 @@ def main(argv=None):
     with util.one_line_errors():
         util.check_writable(out, '--vocab_path')
         vocab = build_vocab(args.data_path, args.data_name, args.threshold)
-        if os.path.exists(out) and not args.overwrite:
-            try:
-                same = deserialize_vocab(out).words() == vocab.words()
-            except ValueError:
-                same = False
-            if not same:
-                raise ValueError(f'{out} exists and holds another vocabulary: pass --overwrite to replace it, '
-                                 f'or choose another --vocab_path')
+        if not args.overwrite and util.already_written(
+                out, lambda path: deserialize_vocab(path).words() == vocab.words(), 'another vocabulary'):
             print(f'{out} already holds this vocabulary of {len(vocab)} words: left as it is')
             return out
         serialize_vocab(vocab, out)
