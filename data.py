@@ -1,10 +1,18 @@
 """SCAN "precomp" data (spec section 1): dataset, collate, loaders, and the toy demo data.
 
     python data.py --make_toy DIR [--seed 0]
+    python data.py --from_karpathy dataset_flickr30k.json --data_path DATA --data_name f30k_precomp
 
-writes ``DIR/toy_precomp/{train,dev,test,testall}_{ims.npy,caps.txt}`` (see ``make_toy``).
+The first writes ``DIR/toy_precomp/{train,dev,test,testall}_{ims.npy,caps.txt}`` (see
+``make_toy``); the second ``DATA/NAME/{split}_{caps,image_names}.txt`` from Karpathy's split
+file (see ``from_karpathy``), for your own region features in ``{split}_ims.npy``, image by image
+in the order of ``{split}_image_names.txt``.
 """
+import json
+import ntpath
 import os
+import posixpath
+import re
 
 import numpy as np
 import torch
@@ -12,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import util
 from labels import image_targets
-from vocab import encode, read_captions, tokenize_all
+from vocab import MAX_CAPTION_CHARS, encode, read_captions, tokenize_all
 
 FULL_SCAN_BYTES = 2 << 30  # feature files up to this size are scanned for NaN/inf when opened
 
@@ -212,16 +220,143 @@ def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64, 
     return folder
 
 
+# Karpathy's split files -> SCAN's precomp splits (COCO: 'test' is the 1K, 'testall' the 5K).
+KARPATHY_SPLITS = {'train': 'train', 'restval': 'train', 'val': 'dev', 'test': 'test'}
+COCO_TEST_1K = 1000
+
+
+def _load_karpathy(json_path: str) -> tuple:
+    """-> (the 'images' list, is COCO); ValueError naming the file when it is not a split file."""
+    with open(json_path, 'rb') as f:
+        raw = f.read()
+    try:
+        top = json.loads(raw.decode('utf-8-sig'))  # a BOM (Windows editors) is allowed
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{json_path}: not UTF-8 text (byte {e.start})') from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{json_path}: not JSON ({e.msg}: line {e.lineno} column {e.colno})') from None
+    images = top.get('images') if isinstance(top, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"{json_path}: no 'images' list: not one of Karpathy's split files "
+                         f"(dataset_coco.json, dataset_flickr30k.json, dataset_flickr8k.json)")
+    coco = top.get('dataset') == 'coco' or any(isinstance(e, dict) and 'filepath' in e for e in images)
+    return images, coco
+
+
+def _karpathy_entry(json_path: str, i: int, entry) -> tuple:
+    """images[i] -> (precomp split, image name, its first 5 captions on one line each), checked."""
+    where = f'{json_path}: images[{i}]'
+    if not isinstance(entry, dict):
+        raise ValueError(f'{where} is not an object with filename, split and sentences')
+    for key, kind in (('filename', str), ('split', str), ('sentences', list), ('filepath', str)):
+        if key not in entry and key != 'filepath':  # only COCO has a filepath
+            raise ValueError(f'{where} has no {key!r}')
+        if key in entry and not isinstance(entry[key], kind):
+            raise ValueError(f'{where}: {key!r} is not a {kind.__name__}')
+    name = posixpath.join(entry['filepath'], entry['filename']) if 'filepath' in entry else entry['filename']
+    where += f' ({name!r})'
+    parts = re.split(r'[/\\]', name)
+    if posixpath.isabs(name) or ntpath.isabs(name) or '..' in parts or '' in parts or not name.isprintable():
+        raise ValueError(f"{where}: an image name must be a relative path on one line, without '..' or empty parts")
+    split = KARPATHY_SPLITS.get(entry['split'])
+    if split is None:
+        raise ValueError(f"{where} has split {entry['split']!r}: expected one of {', '.join(KARPATHY_SPLITS)}")
+    if len(entry['sentences']) < 5:
+        raise ValueError(f"{where} has {len(entry['sentences'])} sentences: need 5 captions per image")
+    caps = []
+    for k, sent in enumerate(entry['sentences'][:5]):
+        raw = sent.get('raw') if isinstance(sent, dict) else None
+        if not isinstance(raw, str):
+            raise ValueError(f"{where}: sentence {k} has no 'raw' text")
+        caps.append(' '.join(raw.split()))  # every whitespace run, line breaks included -> one space
+        if not 0 < len(caps[-1]) <= MAX_CAPTION_CHARS:
+            raise ValueError(f'{where}: sentence {k} is empty' if not caps[-1] else
+                             f'{where}: sentence {k} has {len(caps[-1]):,} characters, more than a '
+                             f'caption can ({MAX_CAPTION_CHARS:,})')
+    return split, name, caps
+
+
+def _unchanged(path: str, content: bytes, overwrite: bool) -> bool:
+    """True when path already holds content; ValueError when it holds other contents (not with overwrite)."""
+    def same(p):
+        with open(p, 'rb') as f:
+            return f.read() == content
+    if overwrite:  # identical files are still left as they are
+        return os.path.exists(path) and same(path)
+    return util.already_written(path, same, 'other contents', '--data_name')
+
+
+def from_karpathy(json_path: str, data_path: str, data_name: str, overwrite: bool = False) -> dict:
+    """Karpathy's split file (dataset_{coco,flickr30k,flickr8k}.json) -> {split: number of images},
+    for the splits that have images, after writing ``data_path/data_name/{split}_caps.txt`` (each
+    image's first 5 sentences, whitespace folded) and ``{split}_image_names.txt`` ('filepath/filename'
+    or 'filename'): train = 'train' + 'restval' in file order, dev = 'val', test = 'test'; for COCO
+    testall = 'test' (5K) and test = its first 1,000. Every image and every existing output file
+    is checked before anything is written (ValueError naming the first problem); files that hold
+    other contents are refused unless overwrite, identical ones are left as they are."""
+    images, coco = _load_karpathy(json_path)
+    splits, seen = {s: ([], []) for s in ('train', 'dev', 'test')}, {}  # split -> (names, captions)
+    for i, entry in enumerate(images):
+        split, name, caps = _karpathy_entry(json_path, i, entry)
+        if name in seen:
+            raise ValueError(f'{json_path}: images[{seen[name]}] and images[{i}] have the same name {name!r}')
+        seen[name] = i
+        splits[split][0].append(name)
+        splits[split][1].extend(caps)
+    if coco:
+        names, caps = splits['testall'] = splits['test']  # the 5K split; test = its first 1K
+        splits['test'] = names[:COCO_TEST_1K], caps[:5 * COCO_TEST_1K]
+    empty = [s for s, (names, _) in splits.items() if not names]
+    splits = {s: v for s, v in splits.items() if v[0]}
+    if not splits:
+        raise ValueError(f"{json_path}: its 'images' list is empty")
+    folder = os.path.join(data_path, data_name)
+    files = {os.path.join(folder, f'{s}_{kind}.txt'): ('\n'.join(lines) + '\n').encode('utf-8')
+             for s, (names, caps) in splits.items() for kind, lines in (('caps', caps), ('image_names', names))}
+    kept = [path for path, content in files.items() if _unchanged(path, content, overwrite)]
+    util.check_writable(folder, '--data_path', folder=True)
+    for path, content in files.items():
+        if path not in kept:
+            util.atomic_write(path, lambda f, content=content: f.write(content))
+    counts = ', '.join(f'{s} {len(names):,} images ({len(caps):,} captions)' for s, (names, caps) in splits.items())
+    if len(kept) == len(files):
+        print(f'{folder} already holds these captions and image names: left as they are ({counts})')
+    else:
+        left = f'; identical files left as they are: {", ".join(map(os.path.basename, kept))}' if kept else ''
+        print(f'wrote captions and image names to {folder}: {counts}{left}')
+    if empty:
+        print(f'no images for {", ".join(empty)}: those files not written')
+    print('region features go in {split}_ims.npy, one image per line of {split}_image_names.txt, in that order')
+    return {s: len(names) for s, (names, _) in splits.items()}
+
+
 def parse_args(argv=None):
     p = util.parser(__doc__)
-    p.add_argument('--make_toy', metavar='DIR', required=True, help='write DIR/toy_precomp')
-    p.add_argument('--seed', type=int, default=0, help='random seed of the toy world')
-    return p.parse_args(argv)
+    todo = p.add_mutually_exclusive_group(required=True)
+    todo.add_argument('--make_toy', metavar='DIR',
+                      help='write the toy data to DIR/toy_precomp (default: none; this or --from_karpathy)')
+    todo.add_argument('--from_karpathy', metavar='FILE.json',
+                      help="write captions and image names from Karpathy's split file FILE.json to "
+                           "DATA/NAME (default: none; this or --make_toy)")
+    p.add_argument('--data_path', metavar='DATA',
+                   help='with --from_karpathy: the folder that holds NAME (default: none; required with it)')
+    p.add_argument('--data_name', metavar='NAME',
+                   help='with --from_karpathy: the dataset folder, e.g. f30k_precomp (default: none; required with it)')
+    p.add_argument('--overwrite', action='store_true', help='with --from_karpathy: replace files with other contents')
+    p.add_argument('--seed', type=int, default=0, help='with --make_toy: random seed of the toy world')
+    args = p.parse_args(argv)
+    if args.from_karpathy and not (args.data_path and args.data_name):
+        p.error('--from_karpathy needs --data_path and --data_name')
+    if args.make_toy and (args.data_path or args.data_name or args.overwrite):
+        p.error('--data_path, --data_name and --overwrite go with --from_karpathy, not --make_toy')
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     with util.one_line_errors():
+        if args.from_karpathy:
+            return from_karpathy(args.from_karpathy, args.data_path, args.data_name, args.overwrite)
         folder = make_toy(args.make_toy, args.seed)
     sizes = ', '.join(f'{s} {n}' for s, n in TOY_SPLITS.items())
     print(f'toy data written to {folder}: images per split {sizes}; 5 captions each; '

@@ -6,11 +6,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 PY=.venv/bin/python
-if ! $PY -c 'import torch' 2>/dev/null; then
-  if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q torch==2.13.0  # the CPU wheel that lies on disk on the team's machines
+# torch and torchvision must be a matching pair: torchvision's compiled ops (nms, roi_align) load
+# only beside the torch it was built for.
+if ! $PY -c 'from torchvision.ops import nms' 2>/dev/null; then
+  if grep -qs 'torchvision<=0.29.1' /etc/xdg/pip/constraints.txt; then
+    # The team's machines keep this pair on disk (pip takes it in about 2 minutes); the CPU-only
+    # torch 2.13 wheel also there cannot load PyPI's torchvision ("torchvision::nms does not exist").
+    $PY -m pip install -q torch==2.14.1 torchvision==0.29.1
   else
-    $PY -m pip install -q 'torch>=2.1'   # anywhere else: the registry's build for this platform
+    $PY -m pip install -q 'torch>=2.1' 'torchvision>=0.16'  # the registry's pair for this platform
   fi
 fi
 $PY -m pip install -q -r requirements.txt "$@"

@@ -138,10 +138,11 @@ def atomic_write(path: str, write):
         raise
 
 
-def already_written(path: str, same, other: str) -> bool:
+def already_written(path: str, same, other: str, flag: str = '--vocab_path') -> bool:
     """Before replacing an existing output file: True when it already holds the same contents
     (same(path), which may raise ValueError for an unreadable file: that counts as other), else
-    ValueError naming it and --overwrite; False when there is no such file."""
+    ValueError naming it, --overwrite and the flag that picks another place; False when there is
+    no such file."""
     if not os.path.exists(path):
         return False
     try:
@@ -149,8 +150,7 @@ def already_written(path: str, same, other: str) -> bool:
             return True
     except ValueError:
         pass
-    raise ValueError(f'{path} exists and holds {other}: pass --overwrite to replace it, or choose another '
-                     f'--vocab_path')
+    raise ValueError(f'{path} exists and holds {other}: pass --overwrite to replace it, or choose another {flag}')
 
 
 def check_writable(path: str, flag: str, folder: bool = False):

@@ -5,7 +5,7 @@ import shutil
 from collections import Counter
 
 import pytest
-from conftest import shared_path
+from conftest import ROOT, SHARED, shared_path
 
 import vocab as V
 
@@ -28,6 +28,21 @@ def caption_folder(root, n=None):
 @pytest.fixture(scope='module')
 def scan_vocab():
     return V.deserialize_vocab(shared_path('vocab', 'f30k_precomp_vocab.json'))
+
+
+@pytest.mark.parametrize('name, size, example', [('f30k_precomp', SCAN_VOCAB_SIZE, 'raining'),
+                                                 ('coco_precomp', 11353, 'wrought-iron')])
+def test_shipped_scan_vocabularies_load_with_scan_ids(name, size, example):
+    """vocab/ ships SCAN's published vocabularies (their download link is dead), so the default
+    --vocab_path vocab works for people who hold SCAN's features."""
+    vocab = V.deserialize_vocab(os.path.join(ROOT, 'vocab', f'{name}_vocab.json'))
+    assert len(vocab) == vocab.idx == size
+    assert vocab.words()[:5] == [*V.SPECIALS, example]  # SCAN's special ids 0-3, then its own order
+    assert vocab('notaword-xyz') == 3 and vocab.idx2word[vocab('dog')] == 'dog'
+    scan = os.path.join(SHARED, 'vocab', f'{name}_vocab.json')  # in CI; a user's clone has no ../shared
+    if os.path.exists(scan):
+        with open(os.path.join(ROOT, 'vocab', f'{name}_vocab.json'), 'rb') as f, open(scan, 'rb') as g:
+            assert f.read() == g.read()  # byte for byte SCAN's file
 
 
 def test_scan_vocab_loads_with_its_ids(scan_vocab):
