@@ -254,6 +254,26 @@ def prepare(emb: Tensor, mask: Optional[Tensor], head: Optional[LabelHead]) -> S
     return Side(emb, mask, norm, gram, proj)
 
 
+def _region_word(img: Side, cap: Side, cfg: Config, precision: str) -> tuple:
+    """-> sims (n_img, R, n_cap, L) s_rw of every pair, raw (the same, clipped for the clipped_*
+    norms), pad_bias (1, 1, n_cap, L): 0 on real words, -inf on padding."""
+    n_img, R, d = img.emb.shape
+    n_cap, L, _ = cap.emb.shape
+    sims = region_word_product(img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d), precision)
+    sims = sims.view(n_img, R, n_cap, L)
+    pad_bias = torch.zeros_like(cap.norm).masked_fill_(~cap.mask, -math.inf)[None, None]
+    raw = F.leaky_relu(sims, 0.1) if cfg.raw_feature_norm.startswith('clipped') else sims
+    return sims, raw, pad_bias
+
+
+def t2i_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') -> Tensor:
+    """Where each word looks: (n_img, n_cap, L, R), word l's t2i attention over the regions of
+    each image (sums to 1 over R on real words, 0 on padded words): the weights of S_t2i."""
+    sims, raw, pad_bias = _region_word(img, cap, cfg, precision)
+    attn = torch.softmax(scaled_raw(raw, cfg.raw_feature_norm, 3, cfg.lambda_softmax_avg, pad_bias), 1)
+    return attn.permute(0, 2, 3, 1) * cap.mask[None, :, :, None]  # (n_img, R, n_cap, L) -> (n_img, n_cap, L, R)
+
+
 def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') -> dict:
     """All pairs of n_img images and n_cap captions, both directions at once.
 
@@ -263,10 +283,7 @@ def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') 
     """
     n_img, R, d = img.emb.shape
     n_cap, L, _ = cap.emb.shape
-    sims = region_word_product(img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d), precision)
-    sims = sims.view(n_img, R, n_cap, L)  # s_rw of every pair: (n_img, R, n_cap, L)
-    pad_bias = torch.zeros_like(cap.norm).masked_fill_(~cap.mask, -math.inf)[None, None]  # (1, 1, n_cap, L)
-    raw = F.leaky_relu(sims, 0.1) if cfg.raw_feature_norm.startswith('clipped') else sims
+    sims, raw, pad_bias = _region_word(img, cap, cfg, precision)
     out = {}
 
     # t2i: words query regions. Normalize over words, softmax over regions.

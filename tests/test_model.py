@@ -232,3 +232,20 @@ def test_grouped_training_attention_equals_one_call(group):
         torch.testing.assert_close(grouped[k], full[k], rtol=0, atol=1e-12)
     for k in ('h_img', 'h_txt'):
         torch.testing.assert_close(grouped[k], full[k].diagonal().T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('norm', model.NORMS)
+def test_t2i_attention_equals_the_authors_loop_for_every_pair(norm):
+    """model.t2i_attention (where each word looks, drawn by the search page) is the attention of
+    the reference loop's func_attention for words querying regions, pair by pair; 0 on padding."""
+    img, cap, mask, head = tiny()
+    cfg = Config(raw_feature_norm=norm)
+    attn = model.t2i_attention(prepare(img, None, None), prepare(cap, mask, None), cfg)
+    assert attn.shape == (N_IMG, N_CAP, L, R)
+    for i in range(N_IMG):
+        for j, n_words in enumerate(LENS.tolist()):
+            _, expected = ref.func_attention(cap[j:j + 1, :n_words], img[i:i + 1], raw_feature_norm=norm,
+                                             smooth=cfg.lambda_softmax_avg)  # (1, n_words, R)
+            torch.testing.assert_close(attn[i, j, :n_words], expected[0], rtol=0, atol=1e-10)
+            assert not attn[i, j, n_words:].any()
+    torch.testing.assert_close(attn.sum(-1), mask[None].expand(N_IMG, -1, -1).to(attn.dtype), rtol=0, atol=1e-12)
