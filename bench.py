@@ -1,12 +1,15 @@
 """Benchmark the CASC engine against the authors' algorithm (tests/reference.py) at the paper's sizes.
 
     python bench.py [--device cpu|cuda] [--n_img 1000] [--n_cap 5000] [--ref_caps 20] [--skip_train]
+    python bench.py --search [--n_img 1000]     # search.py's text queries/s over --n_img images
 
 Evaluation: all n_img x n_cap scores (by default the full Flickr30K test matrix, 5M pairs) with
 evaluation.compute_sims, beside the authors' per-caption loop on --ref_caps captions, extrapolated
 linearly (it loops over captions). Training: forward + backward of the loss at batch 128, each side
 in a fresh subprocess so that its peak memory is its own. Random weights and inputs, seeded; the
 caption lengths are those of the real Flickr30K test captions when ../shared holds them.
+--search times search.top_images instead (query encoding included, top 10 kept), 1 and 100 queries
+per call, and extrapolates one query's time linearly to a gallery of 100,000 images.
 """
 import argparse
 import json
@@ -20,8 +23,9 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import evaluation
+import search
 import util
-from model import CASC, Config
+from model import CASC, Config, Side
 from vocab import read_captions, tokenize
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument('--n_cap', type=util.positive_int, default=5000, help='captions of the evaluation benchmark')
     p.add_argument('--ref_caps', type=util.positive_int, default=20, help="captions scored by the authors' loop")
     p.add_argument('--skip_train', action='store_true', help='time the evaluation only')
+    p.add_argument('--search', action='store_true', help='time search.py\'s text queries over --n_img images only')
     p.add_argument('--batch_size', type=util.positive_int, default=128, help='pairs of the timed training step')
     p.add_argument('--train_steps', type=util.positive_int, default=3, help='timed engine steps (reference: 1 on CPU)')
     p.add_argument('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
@@ -79,18 +84,17 @@ def bench_eval(args, model: CASC, pool: list, device) -> list:
     lens = [pool[k % len(pool)] for k in range(args.n_cap)]
     img = evaluation.encode_images(model, images.numpy(), device=device)
     caps = evaluation.encode_captions(model, random_captions(lens, gen), device=device)
-    chunks, scores = [], model.scores  # record the (images, captions) chunks compute_sims really scores
-    model.scores = lambda i, c, **kw: chunks.append((i.emb.size(0), c)) or scores(i, c, **kw)
+    chunks = [(i1 - i0, cap) for _, cap in caps  # the (images, captions) chunks compute_sims scores
+              for i0, i1 in evaluation.plan_chunks(args.n_img, *cap.mask.shape, R, model.cfg, device,
+                                                   args.eval_memory_gb)]
     run = lambda c: evaluation.compute_sims(model, img, c, args.eval_memory_gb, precision=args.precision,
                                             progress=False)  # noqa: E731
     run([(torch.arange(len(caps[0][0])), caps[0][1])])  # burn-in on the first caption batch
-    chunks.clear()
     before = reset_peak(device)
     t0 = clock(device)
     sims = run(caps)  # (n_img, n_cap)
     t_eng = clock(device) - t0
     peak = memory_mb(device, peak=True) - before
-    del model.scores
     where = {int(k): (cap, row) for idx, cap in caps for row, k in enumerate(idx)}  # caption -> its encoding
     cap_emb = pad_sequence([where[j][0].emb[where[j][1], :lens[j]] for j in range(args.ref_caps)], True)
     cap_lens = torch.tensor(lens[:args.ref_caps])
@@ -135,6 +139,31 @@ def matmul_share(args, img, chunks: list, t_eval: float, device, cfg: Config):
           f'evaluation ({len(chunks)} chunks, {flops / 1e12:.2f} TFLOP)')
     n_pairs = sum(n_i * cap.emb.size(0) for n_i, cap in chunks)  # the label head's W2 runs on u_img, u_txt of each
     print(f'(label head W2 on every pair: another {4 * n_pairs * cfg.label_hidden * cfg.num_labels / 1e12:.2f} TFLOP)')
+
+
+def bench_search(args, model: CASC, pool: list, device):
+    """Text queries/s of search.top_images over --n_img random images, 1 and 100 queries per call."""
+    gen = torch.Generator().manual_seed(args.seed)
+    parts = [evaluation.encode_images(model, torch.randn(min(1000, args.n_img - i0), R, IMG_DIM, generator=gen)
+                                      .relu_().numpy(), device=device)  # 1,000 at a time: 10,000 raw = 2.9 GB
+             for i0 in range(0, args.n_img, 1000)]
+    img = Side(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
+    for n_q in (1, 100):
+        queries = random_captions([pool[k] for k in torch.randint(len(pool), (n_q,), generator=gen).tolist()], gen)
+        run = lambda qs: search.top_images(  # noqa: E731  (as search.Searcher.text does)
+            model, img, evaluation.encode_captions(model, qs, search.QUERY_BATCH, device), 10,
+            precision=args.precision, memory_gb=args.eval_memory_gb)
+        run(queries[:1])  # burn-in
+        times = []
+        while len(times) < 3 and sum(times) < 10:
+            t0 = clock(device)
+            run(queries)
+            times.append(clock(device) - t0)
+        t = sorted(times)[len(times) // 2]
+        print(f'search, {n_q} text quer{"y" if n_q == 1 else "ies"} per call over {args.n_img:,} images: {t:.3f} s '
+              f'per call = {n_q / t:,.1f} queries/s (median of {len(times)}; {memory_mb(device):.0f} MB in use)')
+        if n_q == 1:
+            print(f'  one query over 100,000 images, extrapolated linearly: {t * 100_000 / args.n_img:.1f} s')
 
 
 def memory_mb(device, peak: bool = False) -> float:
@@ -220,6 +249,8 @@ def main(argv=None):
           f'(load average {os.getloadavg()[0]:.1f}), torch {torch.__version__}, device {device}, {args.precision}')
     print(f'caption lengths from {source}: mean {sum(pool) / len(pool):.1f}, max {max(pool)}')
     torch.manual_seed(args.seed)
+    if args.search:
+        return bench_search(args, CASC(Config(vocab_size=VOCAB)).to(device).eval(), pool, device)
     rows = bench_eval(args, CASC(Config(vocab_size=VOCAB)).to(device).eval(), pool, device)
     if not args.skip_train:
         rows += bench_train(argv, args)

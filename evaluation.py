@@ -16,7 +16,7 @@ from torch import Tensor
 import util
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_img_dim, pad_captions
-from model import CASC, Side
+from model import CASC, Config, Side
 
 BYTES_PER_CELL = 4 * 12  # float32 (pair, region, word) tensors alive at once in cross_attention
 CACHE_CELLS = 1 << 20  # (pair, region, word) cells per chunk: 4 MB tensors stay in cache, ~1.5x faster
@@ -54,6 +54,20 @@ def _images_slice(img: Side, i0: int, i1: int) -> Side:
     return Side(*(None if t is None else t[i0:i1] for t in img))
 
 
+def plan_chunks(n_img: int, n_cap: int, R: int, L: int, cfg: Config, device, memory_gb: float) -> list:
+    """Image ranges [(i0, i1), ...] covering 0..n_img, for scoring n_img images of R regions against
+    one batch of n_cap captions padded to L words: a chunk's transient tensors (BYTES_PER_CELL per
+    (pair, region, word) cell, plus the label head's per-pair vectors) take at most memory_gb; on
+    the CPU a chunk also holds at most CACHE_CELLS cells. At least one image per chunk. The one
+    planner of all-pairs scoring: evaluation, validation in training, and search.py."""
+    per_image = n_cap * (R * L * BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden))
+    step = int(memory_gb * 2 ** 30 // per_image)
+    if torch.device(device).type == 'cpu':
+        step = min(step, CACHE_CELLS // (n_cap * R * L))
+    step = max(1, step)
+    return [(i0, min(i0 + step, n_img)) for i0 in range(0, n_img, step)]
+
+
 @torch.inference_mode()
 def compute_sims(model: CASC, img: Side, caps: list, memory_gb: float = 2.0, alpha=None,
                  precision: str = 'fp32', progress: bool = True, log=None) -> Tensor:
@@ -67,14 +81,9 @@ def compute_sims(model: CASC, img: Side, caps: list, memory_gb: float = 2.0, alp
                         enabled=progress)
     for idx, cap in caps:
         n_c, L = cap.mask.shape
-        per_image = n_c * (R * L * BYTES_PER_CELL + 16 * (model.cfg.num_labels + model.cfg.label_hidden))
-        step = int(memory_gb * 2 ** 30 // per_image)
-        if img.emb.device.type == 'cpu':
-            step = min(step, CACHE_CELLS // (n_c * R * L))
-        step = max(1, step)
-        for i0 in range(0, n_img, step):
-            chunk = model.scores(_images_slice(img, i0, i0 + step), cap, alpha=alpha, precision=precision)['sims']
-            sims[i0:i0 + step, idx] = chunk.float().cpu()
+        for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb):
+            chunk = model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision)['sims']
+            sims[i0:i1, idx] = chunk.float().cpu()
             bar.update(chunk.numel())
     bar.close()
     return sims

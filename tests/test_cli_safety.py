@@ -465,7 +465,7 @@ def test_dataset_reads_crlf_captions_as_lf(tmp_path):
 
 # ---------------------------------------------------------------- --help of every script
 
-SCRIPTS = ('vocab.py', 'labels.py', 'data.py', 'train.py', 'evaluation.py', 'bench.py', 'features.py')
+SCRIPTS = ('vocab.py', 'labels.py', 'data.py', 'train.py', 'evaluation.py', 'bench.py', 'features.py', 'search.py')
 
 
 def help_entries(text: str) -> dict:

@@ -1,0 +1,332 @@
+"""Search a split with a CASC checkpoint: text queries -> its top images, query images -> its top captions.
+
+    python search.py --model_path runs/f30k/model_best.pth.tar --split test --query "a dog catches a frisbee"
+    python search.py --model_path runs/f30k/model_best.pth.tar --split test --queries queries.txt --k 5 --json
+    python search.py --model_path runs/f30k/model_best.pth.tar --split test --image 0 --image 1000092795.jpg
+
+Scores are the CASC scores evaluation.py computes for the same pairs (same alpha, engine and
+precision; up to float32 rounding, ~1e-7, which moves with the batch a caption is padded in). The
+gallery (the split's images, or its captions) is encoded once and scored in the chunks of
+evaluation.plan_chunks, keeping only each query's top k: memory beyond the encoded gallery does not
+grow with it. Highest score first; equal scores go to the lower index. Tables (or, with --json, one
+JSON object per query per line) on stdout; warnings and progress on stderr. From Python:
+Searcher(model_path, split='test').text(['a red dog'], k=5) returns what --json prints.
+"""
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import util
+from checkpoint import load_model, model_vocab
+from data import PrecompDataset, check_img_dim
+from evaluation import _images_slice, encode_captions, encode_images, plan_chunks
+from model import CASC, Side
+from vocab import MAX_CAPTION_CHARS, encode, tokenize
+
+PRECISIONS = ('fp32', 'tf32', 'bf16')
+# Text queries are encoded and scored in batches of this many, sorted by length: queries come in any
+# lengths, and small batches pad less (100 queries of Flickr30K's caption lengths over 1,000 images on
+# the 2-core dev VM: 14k pairs/s in batches of 128, 21k in batches of 16).
+QUERY_BATCH = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Top k over a gallery, streamed chunk by chunk.
+
+def merge_topk(best, scores: Tensor, index: Tensor, k: int) -> tuple:
+    """The running top k, (values (n_q, k'), indices (n_q, k')) or None, merged with a chunk's
+    scores (n_q, n) of the gallery items `index` (n,) -> the top min(k, k' + n) of both: highest
+    first, equal scores to the lower index. A stable sort of the candidates in index order, not
+    torch.topk, which may keep a higher index among equal scores at its cut."""
+    index = index.expand_as(scores)
+    if best is not None:
+        scores, index = torch.cat([best[0], scores], 1), torch.cat([best[1], index], 1)  # (n_q, k' + n)
+    by_index = index.argsort(dim=1)
+    scores, index = scores.gather(1, by_index), index.gather(1, by_index)
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]  # ties keep index order
+    return scores.gather(1, order), index.gather(1, order)
+
+
+@torch.inference_mode()
+def top_images(model: CASC, img: Side, queries: list, k: int, alpha=None, precision: str = 'fp32',
+               memory_gb: float = 2.0, progress: bool = False) -> tuple:
+    """Encoded images (n_img, R, d) and text queries [(query indices, Side)] (encode_captions) ->
+    scores, image indices (n_q, min(k, n_img)) on the CPU."""
+    n_img, R, _ = img.emb.shape
+    n_q = sum(len(idx) for idx, _ in queries)
+    values, indices = torch.empty(n_q, min(k, n_img)), torch.empty(n_q, min(k, n_img), dtype=torch.long)
+    bar = util.progress(total=n_q * n_img, desc='searching', unit='pair', unit_scale=True, enabled=progress,
+                        leave=False)
+    for idx, cap in queries:
+        n_c, L = cap.mask.shape
+        best = None
+        for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb):
+            sims = model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision)['sims']
+            best = merge_topk(best, sims.float().T, torch.arange(i0, i1, device=sims.device), k)  # (n_c, k)
+            bar.update(sims.numel())
+        values[idx], indices[idx] = best[0].cpu(), best[1].cpu()
+    bar.close()
+    return values, indices
+
+
+@torch.inference_mode()
+def top_captions(model: CASC, img: Side, caps: list, k: int, alpha=None, precision: str = 'fp32',
+                 memory_gb: float = 2.0, progress: bool = False) -> tuple:
+    """Encoded query images (n_q, R, d) and the gallery's captions [(caption indices, Side)]
+    (encode_captions) -> scores, caption indices (n_q, min(k, n_cap)) on the CPU."""
+    n_q, R, _ = img.emb.shape
+    n_cap = sum(len(idx) for idx, _ in caps)
+    bar = util.progress(total=n_q * n_cap, desc='searching', unit='pair', unit_scale=True, enabled=progress,
+                        leave=False)
+    best = None
+    for idx, cap in caps:
+        n_c, L = cap.mask.shape
+        sims = torch.cat([model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision)['sims']
+                          for i0, i1 in plan_chunks(n_q, n_c, R, L, model.cfg, img.emb.device, memory_gb)])
+        best = merge_topk(best, sims.float(), idx.to(sims.device), k)  # (n_q, k)
+        bar.update(sims.numel())
+    bar.close()
+    return best[0].cpu(), best[1].cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries and image names: checked, with one line naming the query, file and line at fault.
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n - 3] + '...')
+
+
+def query_tokens(query: str, where: str) -> list:
+    """The project's tokens of a text query; ValueError naming `where` when it is longer than a
+    caption can be or has no word (empty, or punctuation only)."""
+    if len(query) > MAX_CAPTION_CHARS:
+        raise ValueError(f'{where}: {len(query):,} characters, more than a caption can ({MAX_CAPTION_CHARS:,})')
+    tokens = tokenize(query)
+    if not any(ch.isalnum() for t in tokens for ch in t):
+        raise ValueError(f'{where}: no words to search for')
+    return tokens
+
+
+def read_lines(path: str, flag: str) -> list:
+    """A UTF-8 text file -> [(line number, stripped line)]; ValueError naming the file and line of
+    a line that is not UTF-8."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{flag} {path}: file not found')
+    lines = []
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                lines.append((n, raw.decode('utf-8-sig' if n == 1 else 'utf-8').strip()))
+            except UnicodeDecodeError as e:
+                raise ValueError(f'{path}: line {n} is not UTF-8 text (byte {e.start}: '
+                                 f'{raw[e.start:e.start + 1]!r})') from None
+    return lines
+
+
+def read_queries(path: str) -> list:
+    """--queries FILE: one text query per line, blank lines skipped, each checked (file and line)."""
+    lines = [(n, q) for n, q in read_lines(path, '--queries') if q]
+    if not lines:
+        raise ValueError(f'--queries {path}: no queries in it')
+    for n, q in lines:
+        query_tokens(q, f'{path}: line {n}')
+    return [q for _, q in lines]
+
+
+def read_image_names(dataset: PrecompDataset) -> tuple:
+    """-> (path of {split}_image_names.txt beside the split's captions, its names or None when there
+    is no such file). ValueError naming the file (and line) for an empty line or a count other
+    than the split's images."""
+    path = os.path.join(os.path.dirname(dataset.caps_path), f'{dataset.split}_image_names.txt')
+    if not os.path.isfile(path):
+        return path, None
+    lines = read_lines(path, 'image names')
+    for n, name in lines:
+        if not name:
+            raise ValueError(f'{path}: line {n} is empty')
+    if len(lines) != dataset.n_images:
+        raise ValueError(f'{path} has {len(lines)} names but the {dataset.split} split has {dataset.n_images} images')
+    return path, [name for _, name in lines]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API: what the command line prints with --json.
+
+class Searcher:
+    """A checkpoint and a split to search. .text(queries, k) and .image(indices_or_names, k) return
+    one plain dict per query; the gallery is encoded once, the first time a direction needs it.
+    Defaults for data_path, data_name and the vocabulary come from the checkpoint, as in evaluation.py."""
+
+    def __init__(self, model_path: str, data_path: str = None, split: str = 'test', data_name: str = None,
+                 vocab_path: str = None, device=None, precision: str = 'fp32', eval_memory_gb: float = 2.0,
+                 alpha: float = None):
+        if not (eval_memory_gb > 0 and np.isfinite(eval_memory_gb)):
+            raise ValueError(f'--eval_memory_gb {eval_memory_gb}: expected a positive number')
+        if precision not in PRECISIONS:
+            raise ValueError(f'--precision {precision!r}: expected one of {", ".join(PRECISIONS)}')
+        self.device = util.pick_device(device)
+        loaded = load_model(model_path, self.device)
+        self.model, cfg = loaded.model, loaded.model.cfg
+        data_name, data_path = data_name or loaded.opt['data_name'], data_path or loaded.opt['data_path']
+        self.vocab = model_vocab(loaded, model_path, vocab_path, data_name)
+        if self.model.head is None and (cfg.alpha if alpha is None else alpha) != 1.0:
+            raise ValueError(f'{model_path} has no label head, so the CASC score cannot be computed: '
+                             f'pass --alpha 1 for the local score alone')
+        check_img_dim(data_path, data_name, [split], cfg.img_dim, f'{model_path} (img_dim {cfg.img_dim})')
+        self.dataset = PrecompDataset(data_path, data_name, split, self.vocab)
+        self.names_path, self.names = read_image_names(self.dataset)
+        self.score_args = dict(alpha=alpha, precision=precision, memory_gb=eval_memory_gb, progress=True)
+        self._img = self._caps = self._by_name = None
+
+    def gallery_images(self) -> Side:
+        """The split's images, encoded on the first call."""
+        if self._img is None:
+            self._img = encode_images(self.model, self.dataset.images, device=self.device)
+        return self._img
+
+    def gallery_captions(self) -> list:
+        """The split's captions, encoded on the first call: [(caption indices, Side)]."""
+        if self._caps is None:
+            self._caps = encode_captions(self.model, self.dataset.captions, device=self.device, progress=True)
+        return self._caps
+
+    def text(self, queries, k: int = 10) -> list:
+        """Text queries (a str or a list) -> per query {'query': text, 'results': [{'rank', 'index',
+        'score', 'image_name' (when the split has names)}]}, the top min(k, n_img) images."""
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        k = _check_k(k)
+        if not queries:
+            raise ValueError('no text queries')
+        tokens = [query_tokens(q, f'query {_short(q)}') for q in queries]  # all checked before any work
+        for q, toks in zip(queries, tokens):
+            unknown = list(dict.fromkeys(t for t in toks if t not in self.vocab.word2idx))
+            if unknown:
+                print(f'warning: query {_short(q)}: not in the vocabulary, scored as <unk>: '
+                      f'{", ".join(map(repr, unknown))}', file=sys.stderr, flush=True)
+        encoded = encode_captions(self.model, [encode(self.vocab, t) for t in tokens], QUERY_BATCH, self.device)
+        values, indices = top_images(self.model, self.gallery_images(), encoded, k, **self.score_args)
+        name = (lambda i: {'image_name': self.names[i]}) if self.names else (lambda i: {})  # noqa: E731
+        return [{'query': q, 'results': [{'rank': r, 'index': i, 'score': s, **name(i)}
+                                         for r, (s, i) in enumerate(zip(v.tolist(), ind.tolist()), 1)]}
+                for q, v, ind in zip(queries, values, indices)]
+
+    def image(self, images, k: int = 10) -> list:
+        """Query images (an index into the split from 0, or a name of {split}_image_names.txt; one or
+        a list) -> per query {'image': index, 'image_name' (when the split has names), 'results':
+        [{'rank', 'index', 'score', 'caption', 'correct'}]}, the top min(k, n_cap) captions; correct:
+        caption j describes image j // captions-per-image."""
+        images = [images] if isinstance(images, (str, int, np.integer)) else list(images)
+        k = _check_k(k)
+        if not images:
+            raise ValueError('no query images')
+        rows = [self.image_index(item) for item in images]
+        query = encode_images(self.model, self.dataset.images[rows], device=self.device)
+        values, indices = top_captions(self.model, query, self.gallery_captions(), k, **self.score_args)
+        ds, out = self.dataset, []
+        for i, v, ind in zip(rows, values, indices):
+            res = {'image': i, **({'image_name': self.names[i]} if self.names else {})}
+            res['results'] = [{'rank': r, 'index': j, 'score': s, 'caption': ds.raw_captions[j],
+                               'correct': j // ds.im_div == i}
+                              for r, (s, j) in enumerate(zip(v.tolist(), ind.tolist()), 1)]
+            out.append(res)
+        return out
+
+    def image_index(self, item) -> int:
+        """An image index (int or digits) or name -> its index; ValueError naming it and the valid
+        range, or the names file."""
+        n, split, text = self.dataset.n_images, self.dataset.split, str(item).strip()
+        if isinstance(item, (int, np.integer)) or re.fullmatch(r'[+-]?\d+', text):
+            if not 0 <= int(text) < n:
+                raise ValueError(f'--image {text}: no such image, the {split} split has images 0..{n - 1}')
+            return int(text)
+        if self.names is None:
+            raise ValueError(f'--image {_short(text)}: not an image index (0..{n - 1}), and the {split} split has '
+                             f'no image names to look it up in ({self.names_path} does not exist)')
+        if self._by_name is None:
+            self._by_name = {}
+            for i, name in enumerate(self.names):
+                self._by_name.setdefault(name, []).append(i)
+        found = self._by_name.get(text, [])
+        if len(found) != 1:
+            why = 'no image of that name' if not found else f'the name of images {found[0]} and {found[1]}'
+            raise ValueError(f'--image {_short(text)}: {why} in {self.names_path} (image indices: 0..{n - 1})')
+        return found[0]
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f'--k {k!r}: expected a positive integer')
+    return int(k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def table(res: dict) -> str:
+    """One query's results as a text table: rank, score, image index and name, or caption index,
+    correct and text."""
+    rows = res['results']
+    if 'query' in res:
+        title = f'query: "{res["query"]}"'
+        header = ['rank', 'score', 'image'] + (['name'] if rows and 'image_name' in rows[0] else [])
+        cells = [[r['rank'], f'{r["score"]:.4f}', r['index']] + ([r['image_name']] if 'image_name' in r else [])
+                 for r in rows]
+    else:
+        title = f'image {res["image"]}' + (f' ({res["image_name"]})' if 'image_name' in res else '')
+        header = ['rank', 'score', 'caption', 'correct', 'text']
+        cells = [[r['rank'], f'{r["score"]:.4f}', r['index'], 'yes' if r['correct'] else 'no', r['caption']]
+                 for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells)]
+    lines = ['  '.join(str(c).rjust(w) if col < 3 else str(c).ljust(w)
+                       for col, (c, w) in enumerate(zip(row, widths))).rstrip() for row in [header] + cells]
+    return '\n'.join([title] + lines)
+
+
+def parse_args(argv=None):
+    p = util.parser(__doc__)
+    p.add_argument('--model_path', required=True, help='checkpoint (this project\'s, the authors\' or SCAN\'s)')
+    p.add_argument('--data_path', help='folder holding {data_name}/ (default: the checkpoint\'s)')
+    p.add_argument('--data_name', help='dataset folder name (default: the checkpoint\'s)')
+    p.add_argument('--vocab_path', help='folder of {data_name}_vocab.json, or the file (default: the vocabulary '
+                                        'stored in the checkpoint; required for the authors\' and SCAN\'s)')
+    p.add_argument('--split', default='test', help='the split searched: its images, or its captions')
+    what = p.add_mutually_exclusive_group(required=True)
+    one_of = 'one of --query, --queries, --image is required'
+    what.add_argument('--query', action='append', metavar='TEXT',
+                      help=f'a text query, repeatable: the top images of each (default: none; {one_of})')
+    what.add_argument('--queries', metavar='FILE', help='text queries, one per line (UTF-8, blank lines skipped), '
+                                                        f'scored together (default: none; {one_of})')
+    what.add_argument('--image', action='append', metavar='N',
+                      help='a query image, repeatable: its index in the split (from 0) or its name in '
+                           f'{{split}}_image_names.txt; the top captions of each (default: none; {one_of})')
+    p.add_argument('--k', type=util.positive_int, default=10, help='results per query (at most the gallery size)')
+    p.add_argument('--alpha', type=util.nonneg_float, help='local score weight (default: the checkpoint\'s, 0.8)')
+    p.add_argument('--json', action='store_true', help='one JSON object per query per line instead of tables')
+    p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
+    p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0,
+                   help='memory budget of one scoring chunk, in GB')
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    with util.one_line_errors():
+        for q in args.query or []:  # refused before the checkpoint is loaded (as --queries lines are)
+            query_tokens(q, f'--query {_short(q)}')
+        queries = read_queries(args.queries) if args.queries else args.query
+        searcher = Searcher(args.model_path, args.data_path, args.split, args.data_name, args.vocab_path,
+                            args.device, args.precision, args.eval_memory_gb, args.alpha)
+        results = searcher.text(queries, args.k) if queries else searcher.image(args.image, args.k)
+    for res in results:
+        print(json.dumps(res) if args.json else table(res) + '\n')
+    return results
+
+
+if __name__ == '__main__':
+    main()

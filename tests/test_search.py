@@ -1,0 +1,412 @@
+"""search.py (issue 10): text queries -> top images, query images -> top captions, with exactly
+evaluation.py's scores (--save_sims on the same split), ranks of a stable sort (equal scores to the
+lower index), the top k streamed over chunks equal to a full sort for any chunk size, the one chunk
+planner (evaluation.plan_chunks) giving compute_sims the chunks it scored before, refusals with one
+line, the --json schema and the tables, the Searcher API. One checkpoint trained on toy data."""
+import contextlib
+import io
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluation
+import labels as labels_lib
+import search
+import train
+import vocab as vocab_lib
+from model import Config
+from test_cli_safety import help_entries
+
+N_IMG, N_CAP = 30, 150  # the toy test split: 30 images, 5 captions each
+SIZES = {'train': 40, 'dev': 10, 'test': N_IMG}
+DUP, OF = 7, 3  # in the 'dup' split, image 7 and its captions are copies of image 3's
+
+
+# ---------------------------------------------------------------- the toy world
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """A tiny model: one thread is faster, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    """Toy data, its vocabulary and 10 labels, one checkpoint (1 epoch); the test split (no image
+    names), and 'dup': the test split with image 7 and its 5 captions replaced by copies of image 3
+    and its captions, with image names (image 7 named as image 3: it is the same picture). Also
+    evaluation.py --save_sims on both splits: the scores search must reproduce."""
+    root = tmp_path_factory.mktemp('search')
+    data_path, vocab_path = root / 'data', root / 'vocab'
+    folder = data.make_toy(str(data_path), sizes=SIZES)
+    ims = np.load(os.path.join(folder, 'test_ims.npy'))
+    caps = open(os.path.join(folder, 'test_caps.txt'), encoding='utf-8').read().splitlines()
+    ims[DUP], caps[5 * DUP:5 * DUP + 5] = ims[OF], caps[5 * OF:5 * OF + 5]
+    np.save(os.path.join(folder, 'dup_ims.npy'), ims)
+    names = [f'{1000 + (OF if i == DUP else i)}.jpg' for i in range(N_IMG)]
+    for kind, lines in (('caps', caps), ('image_names', names)):
+        with open(os.path.join(folder, f'dup_{kind}.txt'), 'w', encoding='utf-8') as f:
+            f.write('\n'.join(lines) + '\n')
+    common = ['--data_path', str(data_path), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path)]
+    ckpt = str(root / 'A' / 'checkpoint_0.pth.tar')
+    with contextlib.redirect_stdout(io.StringIO()):
+        vocab_lib.main(common)
+        labels_lib.main(common + ['--num_labels', '10'])
+        train.main(common + ['--num_epochs', '1', '--img_dim', '64', '--embed_size', '16', '--word_dim', '8',
+                             '--num_labels', '10', '--label_hidden', '8', '--batch_size', '100', '--workers', '0',
+                             '--val_step', '100000', '--log_step', '1000', '--logger_name', str(root / 'A' / 'log'),
+                             '--model_name', str(root / 'A'), '--device', 'cpu'])
+        sims = {}
+        for split in ('test', 'dup'):
+            path = str(root / f'{split}_sims.npy')
+            evaluation.main(['--model_path', ckpt, '--data_path', str(data_path), '--split', split,
+                             '--save_sims', path, '--device', 'cpu'])
+            sims[split] = np.load(path)  # (30, 150) float32
+    captions = {s: open(os.path.join(folder, f'{s}_caps.txt'), encoding='utf-8').read().splitlines()
+                for s in ('test', 'dup')}
+    return SimpleNamespace(root=root, data=str(data_path), ckpt=ckpt, sims=sims, captions=captions, names=names)
+
+
+@pytest.fixture(scope='module')
+def searcher(world):
+    return search.Searcher(world.ckpt, world.data, 'test', device='cpu')
+
+
+@pytest.fixture(scope='module')
+def dup(world):
+    return search.Searcher(world.ckpt, world.data, 'dup', device='cpu')
+
+
+def run(world, capsys, *args, split='test', model_path=None) -> tuple:
+    """search.main on the world's checkpoint -> (returned results, stdout, stderr)."""
+    capsys.readouterr()
+    results = search.main(['--model_path', model_path or world.ckpt, '--data_path', world.data, '--split', split,
+                           '--device', 'cpu', *args])
+    out, err = capsys.readouterr()
+    return results, out, err
+
+
+def refusal(world, capsys, *args, **kw) -> str:
+    """search.main's one-line error; nothing on stdout."""
+    with pytest.raises(SystemExit) as exc:
+        run(world, capsys, *args, **kw)
+    msg = exc.value.code
+    assert isinstance(msg, str) and msg.startswith('error: ') and '\n' not in msg, msg
+    assert capsys.readouterr().out == ''
+    return msg
+
+
+def indices(res: dict) -> list:
+    return [r['index'] for r in res['results']]
+
+
+def scores(res: dict) -> np.ndarray:
+    return np.array([r['score'] for r in res['results']])
+
+
+def same_results(a: list, b: list) -> bool:
+    """The same queries, ranks, items and texts, and the same scores up to float32 rounding (which
+    moves with the padding and the batch sizes a query is scored with: ~1e-7)."""
+    strip = lambda results: [{**res, 'results': [{**r, 'score': None} for r in res['results']]}  # noqa: E731
+                             for res in results]
+    return strip(a) == strip(b) and all(np.allclose(scores(x), scores(y), rtol=0, atol=1e-6) for x, y in zip(a, b))
+
+
+def stable_order(values: np.ndarray) -> list:
+    """Highest first, equal values in index order."""
+    return np.argsort(-values, kind='stable').tolist()
+
+
+# ---------------------------------------------------------------- the scores are evaluation.py's
+
+def test_text_queries_equal_to_captions_score_that_captions_column_in_stable_order(world, searcher):
+    js = [0, 7, 64, 113, 149]
+    results = searcher.text([world.captions['test'][j] for j in js], k=N_IMG)
+    for j, res in zip(js, results):
+        column = world.sims['test'][:, j]
+        assert sorted(indices(res)) == list(range(N_IMG))  # every image once
+        np.testing.assert_allclose(scores(res), column[indices(res)], rtol=0, atol=1e-6)
+        assert indices(res) == stable_order(column)
+        assert [r['rank'] for r in res['results']] == list(range(1, N_IMG + 1))
+
+
+def test_image_queries_score_that_images_row_in_stable_order_and_mark_its_captions(world, searcher):
+    rows = [0, 3, 29, 3]  # a query twice gets the same answer twice
+    results = searcher.image(rows, k=N_CAP)
+    assert [res['image'] for res in results] == rows
+    for i, res in zip(rows, results):
+        row = world.sims['test'][i]
+        np.testing.assert_allclose(scores(res), row[indices(res)], rtol=0, atol=1e-6)
+        assert indices(res) == stable_order(row)
+        assert [r['correct'] for r in res['results']] == [j // 5 == i for j in indices(res)]
+        assert [r['caption'] for r in res['results']] == [world.captions['test'][j] for j in indices(res)]
+    assert results[1] == results[3]
+
+
+def test_equal_scores_go_to_the_lower_index_both_ways(world, dup):
+    # Image 7 is a copy of image 3: every caption scores them equally (exactly, in evaluation.py too).
+    sims = world.sims['dup']
+    np.testing.assert_array_equal(sims[DUP], sims[OF])
+    res, = dup.text(world.captions['dup'][5 * OF], k=N_IMG)
+    rank = {r['index']: (r['rank'], r['score']) for r in res['results']}
+    assert rank[OF][1] == rank[DUP][1] and rank[OF][0] < rank[DUP][0]
+    assert indices(res) == stable_order(sims[:, 5 * OF])
+    # Captions 35..39 are copies of 15..19: each query image scores them equally, the lower index first.
+    for i in (OF, DUP):
+        res, = dup.image(i, k=N_CAP)
+        rank = {r['index']: r for r in res['results']}
+        for j in range(5 * OF, 5 * OF + 5):
+            first, second = rank[j], rank[j + 5 * (DUP - OF)]
+            assert first['score'] == second['score'] and first['rank'] < second['rank']
+            assert (first['correct'], second['correct']) == ((True, False) if i == OF else (False, True))
+        assert indices(res) == stable_order(sims[i])
+
+
+# ---------------------------------------------------------------- the top k, streamed
+
+@pytest.mark.parametrize('k', [1, 4, 23])
+def test_merge_topk_over_chunks_equals_a_full_stable_sort(k):
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 6, (5, 23), generator=g).float()  # (n_q, n): many ties
+    gallery = torch.randperm(23, generator=g)  # items arrive in any order (captions come by length)
+    full = torch.empty_like(values).scatter_(1, gallery.expand(5, -1), values)  # by gallery index
+    expected = torch.stack([torch.tensor(stable_order(row.numpy())[:k]) for row in full])
+    for step in (1, 3, 10, 23):  # 23 = 7 x 3 + 2 = 2 x 10 + 3: uneven last chunks
+        best = None
+        for j0 in range(0, 23, step):
+            best = search.merge_topk(best, values[:, j0:j0 + step], gallery[j0:j0 + step], k)
+        assert torch.equal(best[1], expected), step
+        assert torch.equal(best[0], full.gather(1, expected))
+
+
+@pytest.mark.parametrize('step', [1, 7, N_IMG])
+def test_streamed_search_equals_a_full_sort_for_any_chunk_size(world, searcher, monkeypatch, step):
+    chunks = []
+
+    def plan(n, *args):  # fixed chunks: 30 = 4 x 7 + 2
+        chunks.append([(i0, min(i0 + step, n)) for i0 in range(0, n, step)])
+        return chunks[-1]
+
+    monkeypatch.setattr(search, 'plan_chunks', plan)
+    js = [2, 50, 148]
+    for j, res in zip(js, searcher.text([world.captions['test'][j] for j in js], k=5)):
+        assert indices(res) == stable_order(world.sims['test'][:, j])[:5]
+    assert chunks[0] == [(i0, min(i0 + step, N_IMG)) for i0 in range(0, N_IMG, step)]
+    # Image queries: the gallery's captions come in batches of any size (150 = 21 x 7 + 3).
+    model, sims = searcher.model, world.sims['test']
+    query = evaluation.encode_images(model, searcher.dataset.images[[0, 11, 29]])
+    caps = evaluation.encode_captions(model, searcher.dataset.captions, batch_size=step)
+    values, found = search.top_captions(model, query, caps, k=9)
+    for i, row, vals in zip([0, 11, 29], found.tolist(), values.numpy()):
+        assert row == stable_order(sims[i])[:9]
+        np.testing.assert_allclose(vals, sims[i, row], rtol=0, atol=1e-6)
+
+
+def test_a_tiny_memory_budget_scores_one_item_per_chunk_with_the_same_results(world, searcher):
+    tiny = search.Searcher(world.ckpt, world.data, 'test', device='cpu', eval_memory_gb=1e-12)
+    queries = world.captions['test'][:3]
+    assert same_results(tiny.text(queries, k=8), searcher.text(queries, k=8))
+    assert same_results(tiny.image([4, 5], k=8), searcher.image([4, 5], k=8))
+
+
+def old_chunks(n_img, n_c, R, L, cfg, device, memory_gb) -> list:
+    """compute_sims' chunks before evaluation.plan_chunks existed (its loop, verbatim)."""
+    per_image = n_c * (R * L * evaluation.BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden))
+    step = int(memory_gb * 2 ** 30 // per_image)
+    if torch.device(device).type == 'cpu':
+        step = min(step, evaluation.CACHE_CELLS // (n_c * R * L))
+    step = max(1, step)
+    return [(i0, min(i0 + step, n_img)) for i0 in range(0, n_img, step)]
+
+
+def test_the_planner_gives_compute_sims_the_chunks_it_scored_before(searcher):
+    for cfg in (Config(), Config(num_labels=0)):
+        for n_img, n_c, R, L in ((1, 1, 36, 3), (1000, 128, 36, 14), (5000, 17, 36, 60), (29, 128, 12, 9)):
+            for device in ('cpu', 'cuda'):
+                for memory_gb in (1e-12, 0.01, 2.0, 64.0):
+                    plan = evaluation.plan_chunks(n_img, n_c, R, L, cfg, device, memory_gb)
+                    assert plan == old_chunks(n_img, n_c, R, L, cfg, device, memory_gb)
+                    assert plan[0][0] == 0 and plan[-1][1] == n_img
+                    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
+    # and compute_sims scores exactly the planned chunks, for every caption batch
+    model, img = searcher.model, searcher.gallery_images()
+    caps = evaluation.encode_captions(model, searcher.dataset.captions, batch_size=64)
+    scored, score = [], model.scores
+    model.scores = lambda i, c, **kw: scored.append((i.emb.shape[0], c.mask.shape)) or score(i, c, **kw)
+    try:
+        evaluation.compute_sims(model, img, caps, memory_gb=1e-5, progress=False)
+    finally:
+        del model.scores
+    planned = [(i1 - i0, cap.mask.shape) for _, cap in caps
+               for i0, i1 in evaluation.plan_chunks(N_IMG, *cap.mask.shape, 12, model.cfg, 'cpu', 1e-5)]
+    assert scored == planned and len(planned) > len(caps)  # several chunks per caption batch
+
+
+# ---------------------------------------------------------------- queries and refusals
+
+def test_unknown_words_are_named_on_stderr_and_scored_as_unk(world, capsys):
+    known = 'a red dog and a blue cat'
+    assert all(w in vocab_lib.deserialize_vocab(str(world.root / 'vocab' / 'toy_precomp_vocab.json')).word2idx
+               for w in vocab_lib.tokenize(known))
+    results, out, err = run(world, capsys, '--json', '--query', 'a red zebroid and a blue cat',
+                            '--query', 'a red quokka and a blue cat', '--query', known)
+    assert "'zebroid'" in err and "'quokka'" in err and 'not in the vocabulary' in err
+    assert err.count('warning:') == 2 and 'warning' not in out
+    assert results[0]['results'] == results[1]['results']  # both words are <unk>
+    assert results[0]['results'] != results[2]['results']
+
+
+def test_empty_punctuation_only_and_over_long_queries_are_refused_before_loading(world, searcher, capsys):
+    nowhere = str(world.root / 'no_such.pth.tar')  # the query is refused before the checkpoint is read
+    for query in ('', '   ', ' ... !', '?!'):
+        msg = refusal(world, capsys, '--query', 'a red dog', '--query', query, model_path=nowhere)
+        assert repr(query) in msg and 'no words' in msg
+    msg = refusal(world, capsys, '--query', 'dog ' * 600, model_path=nowhere)
+    assert '2,400 characters' in msg and 'more than a caption' in msg
+    with pytest.raises(ValueError, match='no words'):
+        searcher.text(['a dog', '...'])
+
+
+def test_bad_image_indices_and_names_are_refused_naming_the_range_or_file(world, capsys):
+    for bad in ('30', '-1', '99999'):
+        msg = refusal(world, capsys, '--image', '0', '--image', bad)
+        assert f'--image {bad}' in msg and '0..29' in msg
+    names_file = os.path.join(world.data, 'toy_precomp', 'test_image_names.txt')
+    msg = refusal(world, capsys, '--image', '1003.jpg')  # the test split has no names file
+    assert "'1003.jpg'" in msg and names_file in msg and 'does not exist' in msg
+    dup_names = os.path.join(world.data, 'toy_precomp', 'dup_image_names.txt')
+    msg = refusal(world, capsys, '--image', 'nosuch.jpg', split='dup')
+    assert "'nosuch.jpg'" in msg and dup_names in msg and 'no image of that name' in msg and '0..29' in msg
+    msg = refusal(world, capsys, '--image', '1003.jpg', split='dup')  # images 3 and 7 share it
+    assert 'images 3 and 7' in msg and dup_names in msg
+
+
+def test_images_are_found_by_name(world, dup, capsys):
+    results, _, _ = run(world, capsys, '--json', '--image', '1005.jpg', '--image', '5', split='dup')
+    assert results[0] == results[1] and same_results(results[:1], dup.image(5, k=10))
+    assert results[0]['image'] == 5 and results[0]['image_name'] == '1005.jpg'
+
+
+def test_queries_file_skips_blank_lines_and_refuses_a_non_utf8_line(world, capsys, tmp_path):
+    path = tmp_path / 'queries.txt'
+    path.write_bytes('\ufeffa red dog\n\n   \nA blue cat!\r\n\n'.encode('utf-8'))  # BOM, CRLF, blank lines
+    from_file, _, _ = run(world, capsys, '--json', '--queries', str(path))
+    one_by_one, _, _ = run(world, capsys, '--json', '--query', 'a red dog', '--query', 'A blue cat!')
+    assert [r['query'] for r in from_file] == ['a red dog', 'A blue cat!'] and from_file == one_by_one
+    path.write_bytes(b'a red dog\n\na caf\xe9 cat\n')  # Latin-1, not UTF-8
+    msg = refusal(world, capsys, '--queries', str(path))
+    assert str(path) in msg and 'line 3' in msg and 'not UTF-8' in msg
+    path.write_bytes(b'a red dog\n...\n')
+    msg = refusal(world, capsys, '--queries', str(path))
+    assert str(path) in msg and 'line 2' in msg and 'no words' in msg
+    path.write_bytes(b'\n \n')
+    assert 'no queries' in refusal(world, capsys, '--queries', str(path))
+    assert 'file not found' in refusal(world, capsys, '--queries', str(tmp_path / 'nowhere.txt'))
+
+
+def test_k_is_capped_at_the_gallery_and_must_be_positive(world, capsys):
+    results, _, _ = run(world, capsys, '--json', '--k', '1000', '--query', 'a red dog')
+    assert len(results[0]['results']) == N_IMG
+    results, _, _ = run(world, capsys, '--json', '--k', '1000', '--image', '0')
+    assert len(results[0]['results']) == N_CAP
+    for bad in ('0', '-3', '2.5'):
+        with pytest.raises(SystemExit) as exc:
+            search.parse_args(['--model_path', world.ckpt, '--query', 'dog', '--k', bad])
+        assert exc.value.code == 2 and 'positive integer' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- output: JSON, tables, API
+
+def check_schema(res: dict, k: int, names: bool):
+    """One --json object: every key and type, ranks 1..k, scores from the highest."""
+    rows = res['results']
+    if 'query' in res:
+        assert set(res) == {'query', 'results'} and isinstance(res['query'], str)
+        keys = {'rank', 'index', 'score'} | ({'image_name'} if names else set())
+    else:
+        assert set(res) == {'image', 'results'} | ({'image_name'} if names else set())
+        assert type(res['image']) is int and (not names or isinstance(res['image_name'], str))
+        keys = {'rank', 'index', 'score', 'caption', 'correct'}
+    assert [r['rank'] for r in rows] == list(range(1, k + 1))
+    for r in rows:
+        assert set(r) == keys
+        assert type(r['rank']) is int and type(r['index']) is int and type(r['score']) is float
+        assert all(isinstance(r[key], str) for key in ('image_name', 'caption') if key in keys)
+        assert 'correct' not in keys or type(r['correct']) is bool
+    assert [r['score'] for r in rows] == sorted((r['score'] for r in rows), reverse=True)
+
+
+@pytest.mark.parametrize('split', ['test', 'dup'])  # without and with image names
+def test_json_prints_one_object_per_query_per_line_with_every_key(world, capsys, split):
+    for args, n in ((['--query', 'a red dog', '--query', 'a green tree'], 2), (['--image', '3', '--image', '8'], 2)):
+        results, out, err = run(world, capsys, '--json', '--k', '4', *args, split=split)
+        lines = out.splitlines()
+        assert len(lines) == n and [json.loads(line) for line in lines] == results
+        for res in results:
+            check_schema(res, 4, names=split == 'dup')
+    assert results[0]['results'][0]['correct'] in (True, False)
+    if split == 'dup':
+        assert results[0]['image_name'] == '1003.jpg'
+
+
+def test_tables_show_rank_score_index_name_or_caption(world, capsys):
+    results, out, err = run(world, capsys, '--k', '3', '--query', 'a red zebroid', split='dup')
+    lines = out.splitlines()
+    assert lines[0] == 'query: "a red zebroid"' and lines[1].split() == ['rank', 'score', 'image', 'name']
+    for line, r in zip(lines[2:5], results[0]['results']):
+        assert line.split() == [str(r['rank']), f'{r["score"]:.4f}', str(r['index']), r['image_name']]
+    assert 'zebroid' in err and 'warning' not in out
+    results, out, _ = run(world, capsys, '--k', '2', '--image', '1', '--image', '2')
+    blocks = out.strip().split('\n\n')
+    assert len(blocks) == 2
+    for block, res in zip(blocks, results):
+        lines = block.splitlines()
+        assert lines[0] == f'image {res["image"]}'
+        assert lines[1].split() == ['rank', 'score', 'caption', 'correct', 'text']
+        for line, r in zip(lines[2:], res['results']):
+            assert line.split()[:4] == [str(r['rank']), f'{r["score"]:.4f}', str(r['index']),
+                                        'yes' if r['correct'] else 'no']
+            assert line.endswith(r['caption'])
+
+
+def test_searcher_api_returns_what_the_cli_prints_and_encodes_each_gallery_once(world, capsys, monkeypatch):
+    calls = []
+    for name in ('encode_images', 'encode_captions'):
+        real = getattr(search, name)
+        monkeypatch.setattr(search, name, lambda x, *a, real=real, name=name, **kw:
+                            calls.append((name, len(a[0]))) or real(x, *a, **kw))
+    api = search.Searcher(world.ckpt, data_path=world.data, split='dup', device='cpu')
+    assert calls == []  # nothing encoded before a query needs it
+    queries = ['a red dog', 'a photo of a cat']
+    texts, images = api.text(queries, k=3), api.image([1, '1004.jpg'], k=3)
+    assert same_results(api.text('a red dog', k=3), texts[:1]) and same_results(api.image(4, k=3), images[1:])
+    galleries = [c for c in calls if c[1] in (N_IMG, N_CAP)]  # the queries are 1 or 2 items
+    assert galleries == [('encode_images', N_IMG), ('encode_captions', N_CAP)]
+    monkeypatch.undo()
+    assert texts == run(world, capsys, '--json', '--k', '3', '--query', queries[0], '--query', queries[1],
+                        split='dup')[0]
+    assert images == run(world, capsys, '--json', '--k', '3', '--image', '1', '--image', '4', split='dup')[0]
+    with pytest.raises(ValueError, match='positive integer'):
+        api.text('a dog', k=0)
+
+
+def test_help_states_every_default_once(capsys):
+    with pytest.raises(SystemExit) as exc:
+        search.parse_args(['--help'])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and '(default: None)' not in out
+    entries = help_entries(out)
+    assert {e.split()[0].rstrip(',') for e in entries} >= {'--query', '--queries', '--image', '--k', '--json',
+                                                            '--split', '--alpha', '--eval_memory_gb'}
+    for invocation, text in entries.items():
+        if not invocation.startswith('-h'):
+            assert text.count('(default: ') + text.count('(required)') == 1, (invocation, text)
+            assert text.endswith(')'), (invocation, text)
