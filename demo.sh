@@ -27,4 +27,4 @@ $PY train.py "${DATA[@]}" --logger_name "$OUT/log" --model_name "$OUT" --img_dim
   --val_step 100000 --workers 0
 $PY evaluation.py --model_path "$OUT/model_best.pth.tar" --split test --examples 3 --out "$OUT/examples"
 echo "demo done: checkpoints in $OUT, TensorBoard logs in $OUT/log (tensorboard --logdir $OUT/log)," \
-     "retrieval examples in $OUT/examples/examples.md"
+     "retrieval examples in $OUT/examples/examples.html"

@@ -174,7 +174,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
             util.check_writable(_ranks_path(path), '--save_sims')
     if examples:
         util.check_writable(out, '--out', folder=True)
-        util.check_writable(os.path.join(out, 'examples.md'), '--out')
+        util.check_writable(os.path.join(out, 'examples.html'), '--out')
     device = util.pick_device(device)
     overrides = {'cross_attn': cross_attn} if cross_attn else {}
     paths = [p for p in (model_path, model_path2) if p]
@@ -193,7 +193,8 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     _check_folds(dataset.n_images, split, fold5)
     if examples:
         import report
-        report.image_names(dataset, image_dir)  # a bad names file fails now, not after scoring
+        report.image_names(dataset, image_dir)  # a bad names or boxes file fails now, not after scoring
+        report.read_boxes(dataset, dataset.images.shape[1])
     n_folds = 5 if fold5 else 1
     n_img = dataset.n_images // n_folds
     results, pairs, seconds = [], 0, 0.0
@@ -237,7 +238,7 @@ def parse_args(argv=None):
                                                                        '(default: the checkpoint\'s)')
     p.add_argument('--examples', type=util.nonneg_int, default=0, metavar='N',
                    help='write N retrieval examples each way')
-    p.add_argument('--out', default='examples', help='folder of the examples report')
+    p.add_argument('--out', default='examples', help='folder of the examples report, DIR/examples.html')
     p.add_argument('--image_dir', help='images, shown in the report when the split has {split}_image_names.txt '
                                        '(default: none)')
     p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')

@@ -1,43 +1,69 @@
-"""Retrieval examples, the view the CASC paper shows: for query images, the top sentences and the
-labels the model predicts; for query sentences, the top images. Written by
-``evaluation.py --examples N --out DIR`` as DIR/examples.md (Markdown; pictures with --image_dir).
-Captions, label words and image names are data: every one is escaped (``md_escape``) or, as a
-link target, resolved inside --image_dir and percent-encoded, so none can become markup.
+"""The HTML page of retrieval results: one renderer for ``search.py --out DIR`` (DIR/index.html)
+and ``evaluation.py --examples N --out DIR`` (DIR/examples.html). Text queries show their top
+images (thumbnails, ground-truth captions and, for some, heat maps of where each query word looks
+and the labels the model predicts); image queries show their top captions marked correct or wrong.
+
+One self-contained page (inline CSS, no scripts, no external URL) with its pictures beside it.
+Data text (queries, captions, image names, label words) only ever goes through ``esc`` into
+element text: never into a tag, an attribute or a URL. Pictures are written under names made of
+indices only (img_000012.jpg, q0_r1_w2.png), from image names checked inside --image_dir
+(``image_names``).
 """
 import html
+import math
 import os
 import re
-import urllib.parse
+import sys
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 
+import util
 from evaluation import encode_captions, encode_images
+from model import t2i_attention
 
-_NEWLINES = re.compile(r'\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]')
-_MD_PUNCT = re.compile(r'([\\`*_\[\]()#])')
-_LIST_START = re.compile(r'^(\s*)([+-]|\d+\.)')
+THUMB = 256  # px: the longer side of a thumbnail
+CANVAS = 192  # px: the grey square a heat map is drawn on when there is no thumbnail
+N_LABELS = 10  # predicted labels shown per image
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+section { border-top: 1px solid #ccc; padding: .5em 0 1em; }
+ol.results { list-style: none; padding-left: 0; }  /* the rank is printed */
+li.result { margin: .6em 0; }
+.head span, span.rank, span.score, span.mark { margin-right: .6em; }
+.rank { font-weight: bold; } .rank::before { content: '#'; } .score, .name, .caption-index { color: #666; }
+.correct .mark { color: #080; font-weight: bold; } .wrong .mark { color: #b00; font-weight: bold; }
+img.thumb { display: block; max-width: 256px; max-height: 256px; margin: .3em 0; }
+.noimg { display: inline-block; padding: 2em 1em; background: #ddd; color: #555; margin: .3em 0; }
+ol.captions { color: #444; margin: .2em 0; }
+.heatmaps { display: flex; flex-wrap: wrap; gap: .5em; }
+figure { margin: 0; text-align: center; } figure img { max-width: 160px; display: block; }
+ol.labels { display: flex; flex-wrap: wrap; gap: .3em 1.2em; list-style: none; padding-left: 0; margin: .2em 0; }
+.prob { color: #666; }
+"""
+# Scripts, plugins and a <base> are off whatever the page holds (a second fence behind escaping).
+CSP = "script-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'"
 
 
-def md_escape(text: str) -> str:
-    """Data text -> one line of Markdown that renders as exactly that text, with no markup and no
-    HTML. ``| ~`` become numeric character references, not backslash escapes: Python-Markdown
-    does not unescape ``\\| \\~`` (it would show the backslash), and a reference is never
-    structure in CommonMark or GFM (tables, strikethrough) either. ``!`` stays as is: it only
-    starts markup as ``![``, and every ``[`` is escaped (captions end with '!')."""
-    text = _NEWLINES.sub(' ', text)
-    text = _MD_PUNCT.sub(r'\\\1', text)
-    text = _LIST_START.sub(lambda m: m[1] + m[2][:-1] + '\\' + m[2][-1], text)  # '- x' '1. x' -> '\- x' '1\. x'
-    return html.escape(text, quote=True).replace('|', '&#124;').replace('~', '&#126;')
+def esc(text) -> str:
+    """Data text -> element text that shows exactly it (quotes escaped too)."""
+    return html.escape(str(text), quote=True)
 
+
+# ---------------------------------------------------------------------------------------------
+# Where the pictures come from: checked image names, region boxes.
 
 def image_names(dataset, image_dir) -> list:
     """The split's image file names (``{split}_image_names.txt`` beside its captions, one per line)
     -> list, or None without --image_dir or without that file. Raises ValueError (file, line) on a
     non-UTF-8 or empty line, an absolute name, a name resolving outside image_dir (``..``,
-    symlinks), or fewer names than the split's images."""
+    symlinks), or fewer names than the split's images; and for an image_dir that is no folder."""
     path = os.path.join(os.path.dirname(dataset.caps_path), f'{dataset.split}_image_names.txt')
     if image_dir is None or not os.path.isfile(path):
         return None
+    if not os.path.isdir(image_dir):
+        raise ValueError(f'--image_dir {image_dir}: no such folder')
     with open(path, 'rb') as f:
         raw = f.read().split(b'\n')
     if raw[-1] == b'':
@@ -62,9 +88,118 @@ def image_names(dataset, image_dir) -> list:
     return names
 
 
-def _pick(n_total: int, n: int) -> list:
-    """n queries spread evenly over the split (deterministic)."""
-    return sorted({int(k) for k in torch.linspace(0, n_total - 1, min(n, n_total))})
+def read_boxes(dataset, R: int):
+    """``{split}_boxes.npy`` beside the split's captions (features.py --regions boxes) -> its
+    (n_images, R, 4) float array of (x1, y1, x2, y2) in [0, 1], memory-mapped; None without the
+    file. ValueError naming the file when it is unreadable or of another shape."""
+    path = os.path.join(os.path.dirname(dataset.caps_path), f'{dataset.split}_boxes.npy')
+    if not os.path.isfile(path):
+        return None
+    try:
+        boxes = np.load(path, mmap_mode='r')
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path}: not a readable .npy file ({e})') from None
+    if boxes.ndim != 3 or boxes.shape[0] < dataset.n_images or boxes.shape[1:] != (R, 4) or boxes.dtype.kind != 'f':
+        raise ValueError(f'{path}: {boxes.dtype} {boxes.shape}, expected float ({dataset.n_images}, {R}, 4) boxes '
+                         f'for the {dataset.split} split\'s {R} regions')
+    return boxes
+
+
+def grid_shape(R: int) -> tuple:
+    """R regions as the most square grid, rows x cols == R, rows <= cols: 36 -> (6, 6), 12 -> (3, 4)."""
+    rows = max(r for r in range(1, math.isqrt(R) + 1) if R % r == 0)
+    return rows, R // rows
+
+
+def grid_boxes(R: int) -> np.ndarray:
+    """The row-major grid cells of R regions as boxes (R, 4), (x1, y1, x2, y2) in [0, 1]."""
+    rows, cols = grid_shape(R)
+    r, c = np.divmod(np.arange(R), cols)
+    return np.stack([c / cols, r / rows, (c + 1) / cols, (r + 1) / rows], 1)
+
+
+def heat_map(base, attn: np.ndarray, boxes: np.ndarray) -> Image.Image:
+    """attn (R,) over regions, boxes (R, 4) in [0, 1] -> RGB picture: each region's weight added
+    over its box (boxes may overlap), scaled by the largest sum, in the 'hot' colours over `base`
+    (a PIL RGB image) or, when it is None, over a grey square."""
+    base = base if base is not None else Image.new('RGB', (CANVAS, CANVAS), (128, 128, 128))
+    W, H = base.size
+    heat = np.zeros((H, W))
+    px = np.rint(np.clip(np.nan_to_num(boxes), 0, 1) * [W, H, W, H]).astype(int)  # (R, 4) pixels
+    for a, (x1, y1, x2, y2) in zip(attn, px):
+        heat[min(y1, H - 1):max(y2, y1 + 1), min(x1, W - 1):max(x2, x1 + 1)] += a  # at least one pixel
+    heat /= max(heat.max(), 1e-12)
+    hot = np.clip(3 * heat[..., None] - [0, 1, 2], 0, 1)  # black -> red -> yellow -> white: (H, W, 3)
+    rgb = 0.4 * np.asarray(base, dtype=np.float64) + 0.6 * 255 * hot
+    return Image.fromarray(np.rint(rgb).astype(np.uint8), 'RGB')
+
+
+class Pictures:
+    """A page's pictures, written into out_dir under names made of indices: thumbnails of the
+    split's images (names from ``image_names``, read once each), heat maps on them."""
+
+    def __init__(self, out_dir: str, names=None, image_dir: str = None, boxes=None, R: int = 36):
+        self.out_dir, self.names, self.image_dir, self.boxes, self.R = out_dir, names, image_dir, boxes, R
+        self._thumbs = {}
+        os.makedirs(out_dir, exist_ok=True)
+
+    def thumbnail(self, i: int):
+        """Image i upright, RGB, at most THUMB px, saved as img_{i:06d}.jpg -> PIL image, or None
+        without names or when the file cannot be read (a warning on stderr names it)."""
+        i = int(i)
+        if self.names is None:
+            return None
+        if i not in self._thumbs:
+            path = os.path.join(self.image_dir, self.names[i])
+            try:
+                with Image.open(path) as im:
+                    thumb = ImageOps.exif_transpose(im).convert('RGB')
+                thumb.thumbnail((THUMB, THUMB))
+                thumb.save(os.path.join(self.out_dir, f'img_{i:06d}.jpg'), quality=90)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                print(f'warning: image {i}: cannot read {path} ({e}): shown by its index', file=sys.stderr)
+                thumb = None
+            self._thumbs[i] = thumb
+        return self._thumbs[i]
+
+    def image(self, i: int) -> str:
+        """Image i as a thumbnail, or its index on a grey box."""
+        i = int(i)
+        if self.thumbnail(i) is None:
+            return f'<div class="noimg">image {i}</div>'
+        return f'<img class="thumb" src="img_{i:06d}.jpg" alt="image {i}">'
+
+    def heatmaps(self, stem: str, i: int, words: list, attn: torch.Tensor) -> str:
+        """words (n,) and their attention attn (n, R) over image i's regions -> one figure per word
+        ({stem}_w{1..n}.png, captioned with the word), on i's boxes when the split has them, else
+        on its grid cells; over its thumbnail when there is one."""
+        assert re.fullmatch(r'[a-z0-9_]+', stem), stem  # file names come from indices only
+        i = int(i)
+        boxes = grid_boxes(self.R) if self.boxes is None else np.asarray(self.boxes[i], dtype=np.float64)
+        base, figures = self.thumbnail(i), []
+        for w, (word, a) in enumerate(zip(words, attn.double().cpu().numpy()), 1):
+            name = f'{stem}_w{w}.png'
+            heat_map(base, a, boxes).save(os.path.join(self.out_dir, name))
+            figures.append(f'<figure><img src="{name}" alt="word {w}"><figcaption>{esc(word)}</figcaption></figure>')
+        return '<div class="heatmaps">' + ''.join(figures) + '</div>'
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model says about a pair: where each word looks, and the labels it predicts.
+
+@torch.inference_mode()
+def pair_attention(model, img, cap, precision: str = 'fp32') -> torch.Tensor:
+    """One encoded image and one encoded caption (Sides of 1) -> (n_words, R) float32 on the CPU:
+    the t2i attention of each real word (not <start>, <end>) over the regions, in caption order."""
+    n = int(cap.mask[0].sum())
+    return t2i_attention(img, cap, model.cfg, precision)[0, 0, 1:n - 1].float().cpu()  # (L, R) -> (n - 2, R)
+
+
+@torch.inference_mode()
+def pair_labels(model, img, cap) -> torch.Tensor:
+    """One encoded image and one caption -> label probabilities (K,): sigmoid of the head's logits
+    for the image attended by that caption."""
+    return torch.sigmoid(model.scores(img, cap, alpha=0.0)['logits_img'][0, 0]).float().cpu()
 
 
 @torch.inference_mode()
@@ -74,47 +209,113 @@ def predicted_labels(model, images, captions: list, i: int, cap_ids: list, devic
     img = encode_images(model, images[i:i + 1], device=device)
     probs = [torch.sigmoid(model.scores(img, cap, alpha=0.0)['logits_img'][0]) for _, cap in
              encode_captions(model, [captions[k] for k in cap_ids], device=device)]
-    return torch.cat(probs).mean(0).cpu()
+    return torch.cat(probs).mean(0).float().cpu()
 
 
-def _picture(names, image_dir, i):
-    """A Markdown image of image i, or '' without names. The target is the resolved path, checked
-    inside image_dir by ``image_names`` and percent-encoded (spaces and parentheses included)."""
-    if names is None:
-        return ''
-    return f'\n![image {i}]({urllib.parse.quote(os.path.realpath(os.path.join(image_dir, names[i])))})\n'
+# ---------------------------------------------------------------------------------------------
+# The page: sections and the document.
+
+def labels_html(probs: torch.Tensor, label_words=None) -> str:
+    """probs (K,) -> the N_LABELS most probable labels, most probable first, with their probabilities."""
+    words = label_words or [f'label_{k}' for k in range(len(probs))]
+    best = probs.topk(min(N_LABELS, len(probs)))
+    items = ''.join(f'<li class="label"><span class="word">{esc(words[k])}</span> <span class="prob">{p:.2f}</span>'
+                    f'</li>' for p, k in zip(best.values.tolist(), best.indices.tolist()))
+    return f'<div class="predicted"><p>Predicted labels</p><ol class="labels">{items}</ol></div>'
+
+
+def _mark(r: dict) -> tuple:
+    """A result's li class suffix and its mark span ('' when correctness is unknown)."""
+    if 'correct' not in r:
+        return '', ''
+    word = 'correct' if r['correct'] else 'wrong'
+    return f' {word}', f' <span class="mark">{word}</span>'
+
+
+def text_query_html(pics: Pictures, res: dict, captions, heading: str = 'Query', extras=None) -> str:
+    """One text query {'query', 'results': [{'rank', 'index', 'score', 'image_name'?, 'correct'?}]}
+    -> a section: per image its rank, score, index (name), picture, captions(i) and extras[rank]
+    (heat maps, labels: HTML made here)."""
+    items = []
+    for r in res['results']:
+        i, cls, mark = int(r['index']), *_mark(r)
+        name = f' <span class="name">{esc(r["image_name"])}</span>' if 'image_name' in r else ''
+        caps = ''.join(f'<li>{esc(c)}</li>' for c in captions(i))
+        items.append(f'<li class="result{cls}"><div class="head"><span class="rank">{int(r["rank"])}</span> '
+                     f'<span class="score">{float(r["score"]):.4f}</span> <span class="image">image {i}</span>{name}'
+                     f'{mark}</div>\n{pics.image(i)}\n<ol class="captions">{caps}</ol>\n'
+                     f'{(extras or {}).get(r["rank"], "")}</li>')
+    return (f'<section class="text-query"><h3>{esc(heading)}: <q class="query">{esc(res["query"])}</q></h3>\n'
+            f'<ol class="results">\n' + '\n'.join(items) + '\n</ol></section>')
+
+
+def image_query_html(pics: Pictures, res: dict, extra: str = '') -> str:
+    """One image query {'image', 'image_name'?, 'results': [{'rank', 'index', 'score', 'caption',
+    'correct'}]} -> a section: the picture, its top captions marked correct or wrong, extra."""
+    i = int(res['image'])
+    name = f' <span class="name">{esc(res["image_name"])}</span>' if 'image_name' in res else ''
+    items = []
+    for r in res['results']:
+        cls, mark = _mark(r)
+        items.append(f'<li class="result{cls}"><span class="rank">{int(r["rank"])}</span> '
+                     f'<span class="score">{float(r["score"]):.4f}</span>{mark} '
+                     f'<span class="caption-index">caption {int(r["index"])}</span> '
+                     f'<span class="caption">{esc(r["caption"])}</span></li>')
+    return (f'<section class="image-query"><h3>Image {i}{name}</h3>\n{pics.image(i)}\n<ol class="results">\n'
+            + '\n'.join(items) + f'\n</ol>{extra}</section>')
+
+
+def write_page(path: str, title: str, body: list) -> str:
+    """The document: title, inline CSS, the body's sections; written atomically -> path."""
+    doc = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+           f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n<title>{esc(title)}</title>\n'
+           f'<style>{CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n' + '\n'.join(body) + '\n</body>\n</html>\n')
+    util.atomic_write(path, lambda f: f.write(doc.encode('utf-8')))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation.py --examples: the view the CASC paper shows.
+
+def _pick(n_total: int, n: int) -> list:
+    """n queries spread evenly over the split (deterministic)."""
+    return sorted({int(k) for k in torch.linspace(0, n_total - 1, min(n, n_total))})
+
+
+def _top(scores: torch.Tensor, k: int) -> list:
+    """Indices of the k highest scores, equal scores to the lower index."""
+    return scores.argsort(descending=True, stable=True)[:k].tolist()
 
 
 def write_examples(model, dataset, sims: torch.Tensor, label_words, n: int, out_dir: str,
                    image_dir=None, device='cpu') -> str:
-    """sims (n_img, n_cap) of the dataset's first n_img images -> path of the Markdown report."""
+    """sims (n_img, n_cap) of the dataset's first n_img images -> path of DIR/examples.html: n
+    query images with their top-3 sentences and predicted labels, n query sentences with their
+    top-5 images, the top one with the heat maps of where each word looks."""
     n_img, n_cap = sims.shape
-    im_div, caps = dataset.im_div, [md_escape(c) for c in dataset.raw_captions]
+    im_div, caps, R = dataset.im_div, dataset.raw_captions, dataset.images.shape[1]
     names = image_names(dataset, image_dir)
-    lines = [f'# Retrieval examples: {md_escape(dataset.split)} split, {n_img} images x {n_cap} captions', '']
-    lines += ['## Image to text: top-3 sentences (correct / wrong) and the top-10 predicted labels', '']
+    pics = Pictures(out_dir, names, image_dir, read_boxes(dataset, R), R)
+    named = (lambda i: {'image_name': names[i]}) if names else (lambda i: {})  # noqa: E731
+    body = ['<h2>Image to text: top-3 sentences (correct / wrong) and the top-10 predicted labels</h2>']
     for i in _pick(n_img, n):
-        top = sims[i].topk(3).indices.tolist()
-        lines += [f'### Image {i}', _picture(names, image_dir, i)]
-        lines += [f'{r}. {"correct" if k // im_div == i else "wrong"}: {caps[k]}' for r, k in enumerate(top, 1)]
-        if model.head is not None:
-            probs = predicted_labels(model, dataset.images, dataset.captions, i, top, device)
-            words = ([md_escape(w) for w in label_words] if label_words else
-                     [f'label_{k}' for k in range(len(probs))])
-            best = probs.topk(min(10, len(probs)))
-            lines += ['', 'Predicted labels: ' + ', '.join(f'{words[k]} ({p:.2f})' for p, k in
-                                                           zip(best.values.tolist(), best.indices.tolist()))]
-        lines += ['']
-    lines += ['## Text to image: top-5 images with their ground-truth captions', '']
-    for j in _pick(n_cap, n):
-        lines += [f'### Sentence {j}: "{caps[j]}"', '']
-        for r, i in enumerate(sims[:, j].topk(min(5, n_img)).indices.tolist(), 1):
-            mark = 'correct' if i == j // im_div else 'wrong'
-            lines += [f'{r}. image {i} ({mark}): ' + ' / '.join(caps[i * im_div:(i + 1) * im_div]),
-                      _picture(names, image_dir, i)]
-        lines += ['']
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, 'examples.md')
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write('\n'.join(lines))
-    return path
+        top = _top(sims[i], 3)
+        res = {'image': i, **named(i), 'results': [
+            {'rank': r, 'index': j, 'score': sims[i, j].item(), 'caption': caps[j], 'correct': j // im_div == i}
+            for r, j in enumerate(top, 1)]}
+        extra = ('' if model.head is None else
+                 labels_html(predicted_labels(model, dataset.images, dataset.captions, i, top, device), label_words))
+        body.append(image_query_html(pics, res, extra))
+    body.append('<h2>Text to image: top-5 images with their ground-truth captions; where each word looks in '
+                'the first</h2>')
+    for q, j in enumerate(_pick(n_cap, n)):
+        top = _top(sims[:, j], 5)
+        res = {'query': caps[j], 'results': [
+            {'rank': r, 'index': i, 'score': sims[i, j].item(), **named(i), 'correct': i == j // im_div}
+            for r, i in enumerate(top, 1)]}
+        img = encode_images(model, dataset.images[top[0]:top[0] + 1], device=device)
+        cap = encode_captions(model, [dataset.captions[j]], device=device)[0][1]
+        extras = {1: pics.heatmaps(f's{q}_r1', top[0], dataset.tokens[j], pair_attention(model, img, cap))}
+        body.append(text_query_html(pics, res, lambda i: caps[i * im_div:(i + 1) * im_div], f'Sentence {j}', extras))
+    title = f'Retrieval examples: {dataset.split} split, {n_img} images x {n_cap} captions'
+    return write_page(os.path.join(out_dir, 'examples.html'), title, body)

@@ -3,13 +3,16 @@
     python search.py --model_path runs/f30k/model_best.pth.tar --split test --query "a dog catches a frisbee"
     python search.py --model_path runs/f30k/model_best.pth.tar --split test --queries queries.txt --k 5 --json
     python search.py --model_path runs/f30k/model_best.pth.tar --split test --image 0 --image 1000092795.jpg
+    python search.py --model_path runs/f30k/model_best.pth.tar --query "a dog" --out page --image_dir IMAGES
 
 Scores are the CASC scores evaluation.py computes for the same pairs (same alpha, engine and
 precision; up to float32 rounding, ~1e-7, which moves with the batch a caption is padded in). The
 gallery (the split's images, or its captions) is encoded once and scored in the chunks of
 evaluation.plan_chunks, keeping only each query's top k: memory beyond the encoded gallery does not
 grow with it. Highest score first; equal scores go to the lower index. Tables (or, with --json, one
-JSON object per query per line) on stdout; warnings and progress on stderr. From Python:
+JSON object per query per line) on stdout; warnings and progress on stderr. --out DIR also writes
+an HTML page, DIR/index.html (report.py): thumbnails with --image_dir, and for each text query's top 3
+images where each word looks and the labels the model predicts. From Python:
 Searcher(model_path, split='test').text(['a red dog'], k=5) returns what --json prints.
 """
 import json
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import report
 import util
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_img_dim
@@ -173,7 +177,7 @@ class Searcher:
         loaded = load_model(model_path, self.device)
         self.model, cfg = loaded.model, loaded.model.cfg
         data_name, data_path = data_name or loaded.opt['data_name'], data_path or loaded.opt['data_path']
-        self.vocab = model_vocab(loaded, model_path, vocab_path, data_name)
+        self.vocab, self.labels = model_vocab(loaded, model_path, vocab_path, data_name), loaded.labels
         if self.model.head is None and (cfg.alpha if alpha is None else alpha) != 1.0:
             raise ValueError(f'{model_path} has no label head, so the CASC score cannot be computed: '
                              f'pass --alpha 1 for the local score alone')
@@ -235,6 +239,50 @@ class Searcher:
                               for r, (s, j) in enumerate(zip(v.tolist(), ind.tolist()), 1)]
             out.append(res)
         return out
+
+    def _pair(self, query_text: str, image_index) -> tuple:
+        """-> the query's tokens, the image and the query encoded (Sides of 1)."""
+        tokens = query_tokens(query_text, f'query {_short(query_text)}')
+        i = self.image_index(image_index)
+        img = encode_images(self.model, self.dataset.images[i:i + 1], device=self.device)
+        cap = encode_captions(self.model, [encode(self.vocab, tokens)], device=self.device)[0][1]
+        return tokens, img, cap
+
+    def attention(self, query_text: str, image_index) -> tuple:
+        """Where each word of a text query looks in an image (index or name) -> (words, attn
+        (n_words, R) float32): the t2i attention of each real word (not <start>, <end>), in order."""
+        tokens, img, cap = self._pair(query_text, image_index)
+        return tokens, report.pair_attention(self.model, img, cap, self.score_args['precision'])
+
+    def check_page(self, image_dir: str = None):
+        """The names file (inside image_dir) and the boxes file a page would read; ValueError naming them."""
+        if report.image_names(self.dataset, image_dir) is None and image_dir:
+            print(f'warning: --image_dir: no thumbnails, {self.names_path} does not exist', file=sys.stderr)
+        report.read_boxes(self.dataset, self.dataset.images.shape[1])
+
+    def page(self, results: list, out_dir: str, image_dir: str = None) -> str:
+        """Results of .text or .image -> out_dir/index.html with its pictures; returns its path. Text
+        queries: per image its captions (and thumbnail); for the top 3, a heat map of where each word
+        looks and the predicted labels. Image queries: the picture and its captions, correct or wrong."""
+        ds, R = self.dataset, self.dataset.images.shape[1]
+        pics = report.Pictures(out_dir, report.image_names(ds, image_dir), image_dir, report.read_boxes(ds, R), R)
+        captions = lambda i: ds.raw_captions[i * ds.im_div:(i + 1) * ds.im_div]  # noqa: E731
+        body = []
+        for q, res in enumerate(results):
+            if 'query' not in res:
+                body.append(report.image_query_html(pics, res))
+                continue
+            extras = {}
+            for r in res['results'][:3]:
+                words, img, cap = self._pair(res['query'], r['index'])
+                attn = report.pair_attention(self.model, img, cap, self.score_args['precision'])
+                part = pics.heatmaps(f'q{q}_r{r["rank"]}', r['index'], words, attn)
+                if self.model.head is not None:
+                    part += report.labels_html(report.pair_labels(self.model, img, cap), self.labels)
+                extras[r['rank']] = part
+            body.append(report.text_query_html(pics, res, captions, 'Query', extras))
+        title = f'Search: {ds.split} split, {ds.n_images} images x {len(ds.raw_captions)} captions'
+        return report.write_page(os.path.join(out_dir, 'index.html'), title, body)
 
     def image_index(self, item) -> int:
         """An image index (int or digits) or name -> its index; ValueError naming it and the valid
@@ -307,6 +355,10 @@ def parse_args(argv=None):
     p.add_argument('--k', type=util.positive_int, default=10, help='results per query (at most the gallery size)')
     p.add_argument('--alpha', type=util.nonneg_float, help='local score weight (default: the checkpoint\'s, 0.8)')
     p.add_argument('--json', action='store_true', help='one JSON object per query per line instead of tables')
+    p.add_argument('--out', metavar='DIR', help='also write an HTML page of the results, DIR/index.html, with its '
+                                                'pictures (default: none)')
+    p.add_argument('--image_dir', help='the split\'s images, named in {split}_image_names.txt: thumbnails on the '
+                                       'page (default: none; needs --out)')
     p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')
     p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
     p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0,
@@ -319,12 +371,22 @@ def main(argv=None) -> list:
     with util.one_line_errors():
         for q in args.query or []:  # refused before the checkpoint is loaded (as --queries lines are)
             query_tokens(q, f'--query {_short(q)}')
+        if args.image_dir and not args.out:
+            raise ValueError('--image_dir: needs --out DIR, the page that shows the pictures')
+        if args.out:
+            util.check_writable(args.out, '--out', folder=True)
+            util.check_writable(os.path.join(args.out, 'index.html'), '--out')
         queries = read_queries(args.queries) if args.queries else args.query
         searcher = Searcher(args.model_path, args.data_path, args.split, args.data_name, args.vocab_path,
                             args.device, args.precision, args.eval_memory_gb, args.alpha)
+        if args.out:
+            searcher.check_page(args.image_dir)  # before any scoring
         results = searcher.text(queries, args.k) if queries else searcher.image(args.image, args.k)
     for res in results:
         print(json.dumps(res) if args.json else table(res) + '\n')
+    if args.out:
+        with util.one_line_errors():
+            print(f'page written to {searcher.page(results, args.out, args.image_dir)}', file=sys.stderr)
     return results
 
 

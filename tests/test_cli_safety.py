@@ -119,16 +119,16 @@ def test_output_paths_are_checked_before_scoring(world, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_every_file_save_sims_and_out_write_is_checked_before_scoring(world, tmp_path, capsys):
-    """Not only FILE.npy: its FILE_ranks.npz, the per-fold files of --fold5 and DIR/examples.md."""
+    """Not only FILE.npy: its FILE_ranks.npz, the per-fold files of --fold5 and DIR/examples.html."""
     (tmp_path / 'a_ranks.npz').mkdir()
     msg = refusal(world, capsys, '--save_sims', str(tmp_path / 'a.npy'))
     assert msg.startswith('error: --save_sims ') and 'a_ranks.npz' in msg
     (tmp_path / 'b_fold3.npy').mkdir()
     msg = refusal(world, capsys, '--split', 'dev', '--fold5', '--save_sims', str(tmp_path / 'b.npy'))
     assert msg.startswith('error: --save_sims ') and 'b_fold3.npy' in msg
-    (tmp_path / 'report' / 'examples.md').mkdir(parents=True)
+    (tmp_path / 'report' / 'examples.html').mkdir(parents=True)
     msg = refusal(world, capsys, '--examples', '1', '--out', str(tmp_path / 'report'))
-    assert msg.startswith('error: --out ') and 'examples.md' in msg
+    assert msg.startswith('error: --out ') and 'examples.html' in msg
     assert files_under(tmp_path) == []
 
 

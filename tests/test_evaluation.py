@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import data
 import evaluation
 import labels as labels_lib
 import reference as ref
+import report
 import train
 import vocab as vocab_lib
+from test_report import check_page, write_image
 
 from evaluation import compute_sims, encode_captions, encode_images, load_model, ranks, recall_metrics
 from model import cross_attention
@@ -495,48 +498,79 @@ def split_captions(world, split):
     return open(os.path.join(world.data, 'toy_precomp', f'{split}_caps.txt'), encoding='utf-8').read().splitlines()
 
 
-def check_sentence_rankings(text, caps, folds):
-    """Every '### Sentence' of the report lists the top-5 images of that sentence's own scores:
-    folds are consecutive (n_img, n_img * 5) blocks of the split; compared by caption text, so
-    the check does not depend on how the report numbers images."""
-    sections = re.findall(r'### Sentence \d+: "(.*)"\n\n((?:\d\. image .*\n+)+)', text)
+def check_sentence_rankings(path, caps, folds):
+    """Every sentence query of the page (parsed: test_report.check_page) lists the top-5 images of
+    that sentence's own scores, with their scores and marks: folds are consecutive (n_img, n_img * 5)
+    blocks of the split; the sentence is found by its text, so the check does not depend on how the
+    page numbers sentences. -> the page."""
+    page = check_page(str(path))
+    sections = page.root.all('section', 'text-query')
     assert sections
-    for sentence, listing in sections:
-        (k,) = [k for k, c in enumerate(caps) if c == sentence]  # the toy captions used here are unique
+    for section in sections:
+        (k,) = [k for k, c in enumerate(caps) if c == section.one('q', 'query').text()]  # toy captions: unique
         n_img, n_cap = folds[0].shape
         f, j = divmod(k, n_cap)
-        top = n_img * f + np.argsort(-folds[f][:, j], kind='stable')[:5]
-        shown = re.findall(r'\d\. image \d+ \((?:correct|wrong)\): (.*)', listing)
-        assert shown == [' / '.join(caps[5 * i:5 * i + 5]) for i in top], sentence
+        top = np.argsort(-folds[f][:, j], kind='stable')[:5]
+        results = section.all('li', 'result')
+        assert [li.one('span', 'image').text() for li in results] == [f'image {n_img * f + i}' for i in top]
+        np.testing.assert_allclose([float(li.one('span', 'score').text()) for li in results], folds[f][top, j],
+                                   atol=6e-5)
+        assert [li.one('span', 'mark').text() for li in results] == \
+            ['correct' if i == j // 5 else 'wrong' for i in top]
+        for li, i in zip(results, top):
+            assert [c.text() for c in li.one('ol', 'captions').all('li')] == caps[5 * (n_img * f + i):][:5]
+    return page
 
 
 def test_examples_report_shows_top_sentences_labels_and_images(world, base, tmp_path):
     out = tmp_path / 'report'
     run_eval(world, world.a, '--examples', '2', '--out', str(out))
-    text = (out / 'examples.md').read_text(encoding='utf-8')
-    check_sentence_rankings(text, split_captions(world, 'test'), [base.sims])
-    assert re.search(r'\b(correct|wrong)\b', text) and 'Text to image' in text
-    label_lines = [line for line in text.splitlines() if line.startswith('Predicted labels: ')]
-    assert len(label_lines) == 2  # one per query image
-    for line in label_lines:
-        words = re.findall(r'(\S+) \((\d\.\d\d)\)', line[len('Predicted labels: '):])
-        assert len(words) == 10 and {w for w, _ in words} <= set(world.labels)
-        probs = [float(p) for _, p in words]
+    caps = split_captions(world, 'test')
+    page = check_sentence_rankings(out / 'examples.html', caps, [base.sims])
+    images = page.root.all('section', 'image-query')
+    assert [s.one('h3').text() for s in images] == ['Image 0', 'Image 39']  # 2 queries spread over 40 images
+    for section, i in zip(images, (0, 39)):
+        results = section.all('li', 'result')
+        top = np.argsort(-base.sims[i], kind='stable')[:3]
+        assert [li.one('span', 'caption').text() for li in results] == [caps[j] for j in top]
+        assert [li.one('span', 'mark').text() for li in results] == ['correct' if j // 5 == i else 'wrong' for j in top]
+        labels = section.all('li', 'label')
+        assert len(labels) == 10 and {li.one('span', 'word').text() for li in labels} <= set(world.labels)
+        probs = [float(li.one('span', 'prob').text()) for li in labels]
         assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
-    assert split_captions(world, 'test')[0] in text  # sentence 0 is a query
-    assert '![image' not in text  # no --image_dir, no pictures
+    sentences = page.root.all('section', 'text-query')
+    assert sentences[0].one('q').text() == caps[0]  # sentence 0 is a query
+    assert not page.root.all('img', 'thumb') and len(page.root.all('div', 'noimg')) == 2 + 2 * 5  # no --image_dir
+    for section in sentences:  # where each word of the sentence looks in its top image
+        figures = section.all('li', 'result')[0].all('figure')
+        assert figures and not section.all('li', 'result')[1].all('figure')
+        assert [f.one('figcaption').text() for f in figures] == vocab_lib.tokenize(section.one('q').text())
+        for f in figures:
+            with Image.open(out / f.one('img').attrs['src']) as im:
+                assert im.size == (report.CANVAS, report.CANVAS)
 
     names_file = os.path.join(world.data, 'toy_precomp', 'test_image_names.txt')
     with open(names_file, 'w', encoding='utf-8') as f:
         f.write('\n'.join(f'{1000 + i}.jpg' for i in range(40)) + '\n')
+    image_dir = tmp_path / 'flickr30k-images'
+    for i in range(40):
+        write_image(str(image_dir / f'{1000 + i}.jpg'), size=(300, 200))
+    out = tmp_path / 'with_images'
     try:
-        image_dir = tmp_path / 'flickr30k-images'
         run_eval(world, world.a, '--examples', '2', '--out', str(out), '--image_dir', str(image_dir))
     finally:
         os.remove(names_file)
-    text = (out / 'examples.md').read_text(encoding='utf-8')
-    assert f'![image 0]({os.path.join(str(image_dir), "1000.jpg")})' in text  # query image 0
-    assert len(re.findall(r'!\[image \d+\]\(' + re.escape(str(image_dir)) + r'/\d{4}\.jpg\)', text)) == 2 + 2 * 5
+    page = check_sentence_rankings(out / 'examples.html', caps, [base.sims])
+    thumbs = page.root.all('img', 'thumb')
+    assert len(thumbs) == 2 + 2 * 5 and not page.root.all('div', 'noimg')
+    assert page.root.all('section', 'image-query')[0].one('img').attrs['src'] == 'img_000000.jpg'
+    assert page.root.all('section', 'image-query')[0].one('span', 'name').text() == '1000.jpg'
+    for name in {t.attrs['src'] for t in thumbs}:
+        with Image.open(out / name) as im:
+            assert im.size == (256, 171)  # 300 x 200 at most 256 px
+    for f in page.root.all('figure'):  # heat maps over the thumbnail
+        with Image.open(out / f.one('img').attrs['src']) as im:
+            assert im.size == (256, 171)
 
 
 def test_examples_report_of_a_checkpoint_validated_on_the_local_score(world, tmp_path):
@@ -547,8 +581,8 @@ def test_examples_report_of_a_checkpoint_validated_on_the_local_score(world, tmp
     path = str(tmp_path / 'alpha1.pth.tar')
     torch.save(ckpt, path)
     run_eval(world, path, '--examples', '1', '--out', str(tmp_path / 'report'))
-    text = (tmp_path / 'report' / 'examples.md').read_text(encoding='utf-8')
-    assert text.count('Predicted labels: ') == 1
+    page = check_page(str(tmp_path / 'report' / 'examples.html'))
+    assert len(page.root.all('ol', 'labels')) == 1 and len(page.root.all('li', 'label')) == 10
 
 
 def test_fold5_examples_rank_each_sentence_with_its_own_scores(world, tmp_path):
@@ -556,4 +590,4 @@ def test_fold5_examples_rank_each_sentence_with_its_own_scores(world, tmp_path):
     run_eval(world, world.a, '--split', 'testall', '--fold5', '--examples', '2', '--out', str(out),
              '--save_sims', str(tmp_path / 'f.npy'))
     folds = [np.load(tmp_path / f'f_fold{f}.npy') for f in range(5)]
-    check_sentence_rankings((out / 'examples.md').read_text(encoding='utf-8'), split_captions(world, 'testall'), folds)
+    check_sentence_rankings(out / 'examples.html', split_captions(world, 'testall'), folds)

@@ -2,8 +2,11 @@
 evaluation.py's scores (--save_sims on the same split), ranks of a stable sort (equal scores to the
 lower index), the top k streamed over chunks equal to a full sort for any chunk size, the one chunk
 planner (evaluation.plan_chunks) giving compute_sims the chunks it scored before, refusals with one
-line, the --json schema and the tables, the Searcher API. One checkpoint trained on toy data."""
+line, the --json schema and the tables, the Searcher API; the HTML page of --out: Searcher.attention
+equal to the authors' loop, the heat maps drawn from it on the grid or the split's boxes, the labels
+of the pair, thumbnails with --image_dir, hostile data as text only. One checkpoint trained on toy data."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -12,15 +15,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import evaluation
 import labels as labels_lib
+import model as model_lib
+import reference as ref
+import report
 import search
 import train
 import vocab as vocab_lib
 from model import Config
 from test_cli_safety import help_entries
+from test_report import HOSTILE, check_page, pictures_in, write_image
 
 N_IMG, N_CAP = 30, 150  # the toy test split: 30 images, 5 captions each
 SIZES = {'train': 40, 'dev': 10, 'test': N_IMG}
@@ -410,3 +418,210 @@ def test_help_states_every_default_once(capsys):
         if not invocation.startswith('-h'):
             assert text.count('(default: ') + text.count('(required)') == 1, (invocation, text)
             assert text.endswith(')'), (invocation, text)
+
+
+# ---------------------------------------------------------------- the HTML page (--out)
+
+R = 12  # the toy data's regions: a 3 x 4 grid
+
+
+@pytest.fixture(scope='module')
+def image_dir(world):
+    """The 'dup' split's pictures, 1000.jpg .. 1029.jpg (1003.jpg named twice), of a few sizes."""
+    folder = world.root / 'images'
+    for i, name in enumerate(world.names):
+        write_image(str(folder / name), size=(80 + 10 * (i % 3), 60), colour=(8 * i, 100, 200))
+    return str(folder)
+
+
+@contextlib.contextmanager
+def boxes_file(world, split, boxes=None):
+    """{split}_boxes.npy beside the split (random boxes in [0, 1], or `boxes`) while in the block."""
+    if boxes is None:
+        rng = np.random.default_rng(1)
+        corner = rng.uniform(0, 0.7, (N_IMG, R, 2))
+        boxes = np.concatenate([corner, corner + rng.uniform(0.05, 0.3, (N_IMG, R, 2))], 2).astype(np.float32)
+    path = os.path.join(world.data, 'toy_precomp', f'{split}_boxes.npy')
+    np.save(path, boxes)
+    try:
+        yield boxes
+    finally:
+        os.remove(path)
+
+
+def encoded_pair(api, query: str, i: int) -> tuple:
+    """The query's words, image i and the query encoded directly (Sides of 1)."""
+    words = vocab_lib.tokenize(query)
+    img = evaluation.encode_images(api.model, api.dataset.images[i:i + 1])
+    cap = evaluation.encode_captions(api.model, [vocab_lib.encode(api.vocab, words)])[0][1]
+    return words, img, cap
+
+
+@pytest.mark.parametrize('norm', model_lib.NORMS)
+def test_attention_equals_the_authors_loop_for_that_pair(searcher, monkeypatch, norm):
+    monkeypatch.setattr(searcher.model, 'cfg', dataclasses.replace(searcher.model.cfg, raw_feature_norm=norm))
+    for query, i in (('a red dog and a blue cat', 0), ('green tree', 17), ('the tree zebroid', 29)):
+        words, attn = searcher.attention(query, i)
+        expected_words, img, cap = encoded_pair(searcher, query, i)
+        n_words = len(words) + 2  # with <start> and <end>
+        _, loop = ref.func_attention(cap.emb[:, :n_words].double(), img.emb.double(), raw_feature_norm=norm,
+                                     smooth=searcher.model.cfg.lambda_softmax_avg)  # (1, n_words, R)
+        assert words == expected_words and attn.shape == (len(words), R) and attn.dtype == torch.float32
+        torch.testing.assert_close(attn.double(), loop[0, 1:-1], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match='no words'):
+        searcher.attention('...', 0)
+
+
+def label_probs(api, query: str, i: int) -> torch.Tensor:
+    """sigmoid of the label head's logits for the pair (K,)."""
+    _, img, cap = encoded_pair(api, query, i)
+    with torch.inference_mode():
+        return torch.sigmoid(api.model.scores(img, cap, alpha=0.0)['logits_img'][0, 0])
+
+
+@pytest.mark.parametrize('split, pictures, boxes', [('test', False, False), ('test', False, True),
+                                                    ('dup', True, False), ('dup', True, True)])
+def test_text_query_page_shows_top_images_heat_maps_of_each_word_and_labels(world, searcher, dup, image_dir,
+                                                                             capsys, tmp_path, split, pictures, boxes):
+    api = dup if split == 'dup' else searcher
+    out = tmp_path / 'page'
+    queries = ['a red dog and a blue cat', 'green tree']
+    args = ['--json', '--k', '4', '--query', queries[0], '--query', queries[1], '--out', str(out)]
+    with boxes_file(world, split) if boxes else contextlib.nullcontext() as box:
+        results, stdout, err = run(world, capsys, *args, *(['--image_dir', image_dir] if pictures else []),
+                                   split=split)
+    assert [json.loads(line) for line in stdout.splitlines()] == results  # stdout stays JSON
+    assert f'page written to {out / "index.html"}' in err
+    caps = world.captions[split]
+    page = check_page(str(out / 'index.html'), queries)
+    sections = page.root.all('section', 'text-query')
+    labels = labels_lib.load_labels(str(world.root / 'vocab' / 'toy_precomp_labels.json'))['labels']
+    expected_pictures = set()
+    for q, (section, res) in enumerate(zip(sections, results)):
+        assert section.one('q', 'query').text() == res['query']
+        items = section.all('li', 'result')
+        assert len(items) == 4 and not section.all('span', 'mark')  # a text query has no ground truth
+        for li, r in zip(items, res['results']):
+            i, rank = r['index'], r['rank']
+            assert li.one('span', 'rank').text() == str(rank) and li.one('span', 'image').text() == f'image {i}'
+            assert li.one('span', 'score').text() == f'{r["score"]:.4f}'
+            assert [s.text() for s in li.all('span', 'name')] == ([world.names[i]] if split == 'dup' else [])
+            assert [c.text() for c in li.one('ol', 'captions').all('li')] == caps[5 * i:5 * i + 5]
+            if pictures:
+                assert li.one('img', 'thumb').attrs['src'] == f'img_{i:06d}.jpg'
+                expected_pictures.add(f'img_{i:06d}.jpg')
+            else:
+                assert li.one('div', 'noimg').text() == f'image {i}' and not li.all('img', 'thumb')
+            figures, shown = li.all('figure'), li.all('li', 'label')
+            if rank > 3:
+                assert not figures and not shown
+                continue
+            # where each word looks: one picture per word, drawn from Searcher.attention on the
+            # grid or the boxes of that image, over its thumbnail when there is one
+            words, attn = api.attention(res['query'], i)
+            assert [f.one('figcaption').text() for f in figures] == words == vocab_lib.tokenize(res['query'])
+            srcs = [f.one('img').attrs['src'] for f in figures]
+            assert srcs == [f'q{q}_r{rank}_w{w}.png' for w in range(1, len(words) + 1)]
+            expected_pictures.update(srcs)
+            base = report.Pictures(str(tmp_path / 'thumbs'), world.names, image_dir).thumbnail(i) if pictures else None
+            cells = box[i] if boxes else report.grid_boxes(R)
+            for src, a in zip(srcs, attn):
+                with Image.open(out / src) as im:
+                    assert im.format == 'PNG' and im.size == (base.size if pictures else (192, 192))
+                    drawn = np.asarray(im.convert('RGB'))
+                np.testing.assert_array_equal(drawn, np.asarray(report.heat_map(base, a.double().numpy(), cells)))
+            # the 10 labels the model predicts for this pair, most probable first
+            probs = label_probs(api, res['query'], i)
+            top = probs.topk(10)
+            assert [li.one('span', 'word').text() for li in shown] == [labels[k] for k in top.indices.tolist()]
+            assert [li.one('span', 'prob').text() for li in shown] == [f'{p:.2f}' for p in top.values.tolist()]
+    assert len(sections) == 2 and pictures_in(out) == sorted(expected_pictures)
+    if boxes:  # the boxes change the pictures: here they are not the grid
+        assert not np.allclose(box[results[0]['results'][0]['index']], report.grid_boxes(R))
+
+
+@pytest.mark.parametrize('split', ['test', 'dup'])
+def test_image_query_page_shows_the_image_and_its_top_captions_marked(world, image_dir, capsys, tmp_path, split):
+    out, pictures = tmp_path / 'page', split == 'dup'  # the test split has no image names: no thumbnails
+    results, _, err = run(world, capsys, '--k', '6', '--image', '3', '--image', '8', '--out', str(out),
+                          '--image_dir', image_dir, split=split)
+    assert ('warning: --image_dir: no thumbnails' in err) != pictures
+    page = check_page(str(out / 'index.html'), [r['caption'] for res in results for r in res['results']])
+    sections = page.root.all('section', 'image-query')
+    assert len(sections) == 2 and not page.root.all('figure')
+    for section, res in zip(sections, results):
+        i = res['image']
+        assert section.one('h3').text() == f'Image {i}' + (f' {world.names[i]}' if split == 'dup' else '')
+        if pictures:
+            assert section.one('img', 'thumb').attrs['src'] == f'img_{i:06d}.jpg'
+        else:
+            assert section.one('div', 'noimg').text() == f'image {i}'
+        items = section.all('li', 'result')
+        assert len(items) == 6
+        for li, r in zip(items, res['results']):
+            mark = 'correct' if r['correct'] else 'wrong'
+            assert mark in li.classes() and li.one('span', 'mark').text() == mark
+            assert li.one('span', 'caption').text() == r['caption'] == world.captions[split][r['index']]
+            assert li.one('span', 'caption-index').text() == f'caption {r["index"]}'
+            assert li.one('span', 'score').text() == f'{r["score"]:.4f}'
+    assert pictures_in(out) == (['img_000003.jpg', 'img_000008.jpg'] if pictures else [])
+
+
+@pytest.fixture(scope='module')
+def evil(world):
+    """The 'evil' split: the test split's features with hostile captions and image names, and their pictures."""
+    folder = os.path.join(world.data, 'toy_precomp')
+    np.save(os.path.join(folder, 'evil_ims.npy'), np.load(os.path.join(folder, 'test_ims.npy')))
+    caps = [f'a red dog {HOSTILE[k % len(HOSTILE)]} n{k}' for k in range(N_CAP)]
+    names = ['<img src=x onerror=alert(1)>.jpg', '"><script>alert(1)</script>.jpg', 'javascript:alert(1).jpg',
+             "' onmouseover='alert(1).jpg", 'a&amp;b.jpg'] + [f'p{i}.jpg' for i in range(5, N_IMG)]
+    for kind, lines in (('caps', caps), ('image_names', names)):
+        with open(os.path.join(folder, f'evil_{kind}.txt'), 'w', encoding='utf-8') as f:
+            f.write('\n'.join(lines) + '\n')
+    image_dir = world.root / 'evil images'
+    for name in names:
+        write_image(str(image_dir / name))
+    return SimpleNamespace(caps=caps, names=names, image_dir=str(image_dir),
+                           names_file=os.path.join(folder, 'evil_image_names.txt'))
+
+
+def test_page_shows_hostile_queries_captions_names_and_labels_as_text_only(world, evil, tmp_path):
+    api = search.Searcher(world.ckpt, world.data, 'evil', device='cpu')
+    api.labels = [HOSTILE[k % len(HOSTILE)] + f' L{k}' for k in range(10)]
+    query = 'a red dog <img src=x onerror=alert(1)> "><script>alert(1)</script> javascript:alert(1)'
+    results = api.text([query], k=N_IMG) + api.image(list(range(5)), k=N_CAP)  # every image and caption shown
+    path = api.page(results, str(tmp_path / 'page'), evil.image_dir)
+    page = check_page(path, [query] + evil.caps + evil.names + api.labels)
+    raw = open(path, encoding='utf-8').read()
+    for bad in ('<script', '<img src=x', "' on"):  # as text, '<' and quotes are references
+        assert bad not in raw
+    assert len(page.root.all('img', 'thumb')) == N_IMG + 5 and len(page.root.all('li', 'label')) == 3 * 10
+    assert pictures_in(tmp_path / 'page') == sorted([f'img_{i:06d}.jpg' for i in range(N_IMG)] + [
+        f'q0_r{r}_w{w}.png' for r in (1, 2, 3) for w in range(1, len(vocab_lib.tokenize(query)) + 1)])
+
+
+def test_page_refusals_come_before_any_scoring(world, evil, image_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(search, 'top_images', lambda *a, **kw: pytest.fail('scored'))
+    msg = refusal(world, capsys, '--query', 'a dog', '--image_dir', image_dir)
+    assert '--image_dir' in msg and 'needs --out' in msg
+    plain = tmp_path / 'plain.txt'
+    plain.write_text('a file')
+    msg = refusal(world, capsys, '--query', 'a dog', '--out', str(plain / 'page'), model_path=str(tmp_path / 'none'))
+    assert msg.startswith(f'error: --out {plain / "page"}')  # before the checkpoint is read
+    (tmp_path / 'taken' / 'index.html').mkdir(parents=True)
+    assert 'index.html' in refusal(world, capsys, '--query', 'a dog', '--out', str(tmp_path / 'taken'))
+    out = tmp_path / 'page'
+    original = open(evil.names_file, encoding='utf-8').read()
+    try:
+        with open(evil.names_file, 'w', encoding='utf-8') as f:
+            f.write(original.replace('javascript:alert(1).jpg', '../../etc/passwd'))
+        msg = refusal(world, capsys, '--query', 'a dog', '--out', str(out), '--image_dir', evil.image_dir,
+                      split='evil')
+        assert 'line 3' in msg and 'outside --image_dir' in msg
+    finally:
+        with open(evil.names_file, 'w', encoding='utf-8') as f:
+            f.write(original)
+    with boxes_file(world, 'test', np.zeros((N_IMG, R + 1, 4), np.float32)):
+        msg = refusal(world, capsys, '--query', 'a dog', '--out', str(out))
+    assert 'test_boxes.npy' in msg and f'({N_IMG}, {R}, 4)' in msg
+    assert os.listdir(out) == []
