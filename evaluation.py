@@ -207,7 +207,8 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
             sims, secs = sims + s / len(models), secs + t
         pairs, seconds = pairs + sims.numel(), seconds + secs
         results.append(recall_metrics(sims, dataset.im_div))
-        first_sims = sims if f == 0 else first_sims  # the report shows the first fold's images
+        if f == 0:
+            first_sims = sims  # the report shows the first fold's images
         if fold5:
             print_metrics(results[-1], f'fold {f}: ')
         if sims_path:

@@ -121,15 +121,7 @@ def read_lines(path: str, flag: str) -> list:
     a line that is not UTF-8."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{flag} {path}: file not found')
-    lines = []
-    with open(path, 'rb') as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                lines.append((n, raw.decode('utf-8-sig' if n == 1 else 'utf-8').strip()))
-            except UnicodeDecodeError as e:
-                raise ValueError(f'{path}: line {n} is not UTF-8 text (byte {e.start}: '
-                                 f'{raw[e.start:e.start + 1]!r})') from None
-    return lines
+    return util.read_text_lines(path)
 
 
 def read_queries(path: str) -> list:

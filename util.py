@@ -153,6 +153,20 @@ def already_written(path: str, same, other: str, flag: str = '--vocab_path') -> 
     raise ValueError(f'{path} exists and holds {other}: pass --overwrite to replace it, or choose another {flag}')
 
 
+def read_text_lines(path: str) -> list:
+    """A UTF-8 text file -> [(line number, line stripped of surrounding whitespace)]; a BOM
+    (Windows editors) is dropped; ValueError naming the file and line of a line that is not UTF-8."""
+    lines = []
+    with open(path, 'rb') as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                lines.append((n, raw.decode('utf-8-sig' if n == 1 else 'utf-8').strip()))
+            except UnicodeDecodeError as e:
+                raise ValueError(f'{path}: line {n} is not UTF-8 text (byte {e.start}: '
+                                 f'{raw[e.start:e.start + 1]!r})') from None
+    return lines
+
+
 def check_writable(path: str, flag: str, folder: bool = False):
     """Fail now, with one line naming the flag, if an output file (or folder) cannot be written:
     before the work that produces it, not after. Creates missing parent folders."""

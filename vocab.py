@@ -109,19 +109,13 @@ def read_captions(path: str) -> list:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'caption file not found: {path}')
     caps = []
-    with open(path, 'rb') as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                cap = raw.decode('utf-8-sig' if n == 1 else 'utf-8').strip()  # a BOM (Windows editors) is no word
-            except UnicodeDecodeError as e:
-                raise ValueError(f'{path}: line {n} is not UTF-8 text (byte {e.start}: '
-                                 f'{raw[e.start:e.start + 1]!r})') from None
-            if not cap:
-                raise ValueError(f'{path}: line {n} is an empty caption')
-            if len(cap) > MAX_CAPTION_CHARS:
-                raise ValueError(f'{path}: line {n} has {len(cap):,} characters, more than a caption '
-                                 f'can ({MAX_CAPTION_CHARS:,}): a missing line break?')
-            caps.append(cap)
+    for n, cap in util.read_text_lines(path):
+        if not cap:
+            raise ValueError(f'{path}: line {n} is an empty caption')
+        if len(cap) > MAX_CAPTION_CHARS:
+            raise ValueError(f'{path}: line {n} has {len(cap):,} characters, more than a caption '
+                             f'can ({MAX_CAPTION_CHARS:,}): a missing line break?')
+        caps.append(cap)
     return caps
 
 

@@ -22,9 +22,8 @@ import torch
 import data
 import evaluation
 import labels as labels_lib
-import train
 import vocab as vocab_lib
-from conftest import ROOT, shared_path
+from conftest import ROOT, shared_path, train_tiny
 from test_evaluation import authors_checkpoint
 
 SIZES = {'train': 40, 'dev': 20, 'test': 20, 'odd': 23, 'four': 4}  # odd, four: no 5 equal folds
@@ -38,17 +37,12 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp('safety')
     data_path, vocab_path = root / 'data', root / 'vocab'
     data.make_toy(str(data_path), sizes=SIZES)
-    common = ['--data_path', str(data_path), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is ~3x faster on a busy 2-core machine
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.ExitStack() as restore:
-        restore.callback(torch.set_num_threads, threads)
-        vocab_lib.main(common)
-        labels_lib.main(common + ['--num_labels', '10'])
-        train.main(common + ['--num_epochs', '1', '--img_dim', '64', '--embed_size', '16', '--word_dim', '8',
-                             '--num_labels', '10', '--label_hidden', '8', '--batch_size', '100', '--workers', '0',
-                             '--val_step', '100000', '--log_step', '1000', '--logger_name', str(root / 'A' / 'log'),
-                             '--model_name', str(root / 'A'), '--device', 'cpu'])
+    try:
+        train_tiny(data_path, vocab_path, root / 'A')
+    finally:
+        torch.set_num_threads(threads)
     vocab = vocab_lib.deserialize_vocab(str(vocab_path / 'toy_precomp_vocab.json'))
     return SimpleNamespace(root=root, data=str(data_path), vocab_path=str(vocab_path), vocab=vocab,
                            ckpt=str(root / 'A' / 'checkpoint_0.pth.tar'))

@@ -6,7 +6,7 @@ import torch
 
 import model
 import reference as ref
-from model import CASC, Config, Side, cross_attention, hinge_loss, prepare
+from model import CASC, Config, cross_attention, hinge_loss, prepare
 
 N_IMG, N_CAP, R, L, D, K, H = 3, 5, 4, 6, 8, 5, 7
 LENS = torch.tensor([6, 2, 4, 1, 5])  # captions of different lengths, one of a single word

@@ -24,8 +24,8 @@ import model as model_lib
 import reference as ref
 import report
 import search
-import train
 import vocab as vocab_lib
+from conftest import train_tiny
 from model import Config
 from test_cli_safety import help_entries
 from test_report import HOSTILE, check_page, pictures_in, write_image
@@ -63,15 +63,8 @@ def world(tmp_path_factory):
     for kind, lines in (('caps', caps), ('image_names', names)):
         with open(os.path.join(folder, f'dup_{kind}.txt'), 'w', encoding='utf-8') as f:
             f.write('\n'.join(lines) + '\n')
-    common = ['--data_path', str(data_path), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path)]
-    ckpt = str(root / 'A' / 'checkpoint_0.pth.tar')
+    ckpt = train_tiny(data_path, vocab_path, root / 'A')
     with contextlib.redirect_stdout(io.StringIO()):
-        vocab_lib.main(common)
-        labels_lib.main(common + ['--num_labels', '10'])
-        train.main(common + ['--num_epochs', '1', '--img_dim', '64', '--embed_size', '16', '--word_dim', '8',
-                             '--num_labels', '10', '--label_hidden', '8', '--batch_size', '100', '--workers', '0',
-                             '--val_step', '100000', '--log_step', '1000', '--logger_name', str(root / 'A' / 'log'),
-                             '--model_name', str(root / 'A'), '--device', 'cpu'])
         sims = {}
         for split in ('test', 'dup'):
             path = str(root / f'{split}_sims.npy')
