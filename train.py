@@ -245,10 +245,18 @@ def run(args, saved: list):
                                                     args.workers, label_words or None, device.type == 'cuda')
         for path in stale:  # only now: a run that fails to start leaves the earlier one as it was
             os.remove(path)
+        # A run killed while writing a checkpoint (SIGKILL, power loss) leaves its temporary file;
+        # the folder is held, so no live run is writing these: they are half-written leftovers.
+        leftovers = glob.glob(os.path.join(glob.escape(args.model_name), '*.pth.tar.tmp*'))
+        for path in leftovers:
+            os.remove(path)
         setup_logging(args.logger_name)
         if stale:
             log.info('--overwrite: removed %s', ', '.join(stale))
-        writer = SummaryWriter(args.logger_name, purge_step=ckpt['Eiters'] if ckpt else None)
+        if leftovers:
+            log.info('removed the half-written temporary files of a killed run: %s', ', '.join(leftovers))
+        # Resumed: drop the curves' points the killed run logged after its checkpoint (they are redone).
+        writer = SummaryWriter(args.logger_name, purge_step=ckpt['Eiters'] + 1 if ckpt else None)
         from tqdm.contrib.logging import logging_redirect_tqdm  # log lines do not break the bar
         with logging_redirect_tqdm([log]):
             return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader,
