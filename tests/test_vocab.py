@@ -10,6 +10,7 @@ from conftest import ROOT, SHARED, shared_path
 import vocab as V
 
 SCAN_VOCAB_SIZE = 8481  # len of SCAN's vocab/f30k_precomp_vocab.json
+SCAN_F30K = os.path.join(ROOT, 'vocab', 'f30k_precomp_vocab.json')  # shipped: SCAN's file, byte for byte (tested)
 
 
 def caption_folder(root, n=None):
@@ -27,7 +28,7 @@ def caption_folder(root, n=None):
 
 @pytest.fixture(scope='module')
 def scan_vocab():
-    return V.deserialize_vocab(shared_path('vocab', 'f30k_precomp_vocab.json'))
+    return V.deserialize_vocab(SCAN_F30K)
 
 
 @pytest.mark.parametrize('name, size, example', [('f30k_precomp', SCAN_VOCAB_SIZE, 'raining'),
@@ -58,7 +59,7 @@ def test_scan_vocab_loads_with_its_ids(scan_vocab):
 def test_serialize_round_trip_keeps_scan_format(scan_vocab, tmp_path):
     path = str(tmp_path / 'v.json')
     V.serialize_vocab(scan_vocab, path)
-    with open(path) as f, open(shared_path('vocab', 'f30k_precomp_vocab.json')) as g:
+    with open(path) as f, open(SCAN_F30K) as g:
         assert json.load(f) == json.load(g)  # string idx2word keys, same ids, same idx
     again = V.deserialize_vocab(path)
     assert (again.word2idx, again.idx2word, again.idx) == (scan_vocab.word2idx, scan_vocab.idx2word, scan_vocab.idx)
