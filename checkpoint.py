@@ -9,6 +9,7 @@ evaluation then needs --vocab_path and trusts it.
 import argparse
 import os
 import pickle
+import shutil
 import warnings
 from typing import NamedTuple, Optional
 
@@ -29,8 +30,8 @@ def save(state: dict, path: str, best_path: str = None):
     first, second = (best_path, path) if best_path else (path, None)
     util.atomic_write(first, lambda f: torch.save(state, f))
     if second:
-        with open(first, 'rb') as src:
-            util.atomic_write(second, lambda f: f.write(src.read()))
+        with open(first, 'rb') as src:  # a byte copy, streamed: checkpoints run to hundreds of MB
+            util.atomic_write(second, lambda f: shutil.copyfileobj(src, f))
 
 
 def read(path: str, flag: str = '--model_path') -> dict:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import util
 from labels import image_targets
-from vocab import MAX_CAPTION_CHARS, encode, read_captions, tokenize_all
+from vocab import encode, read_captions, too_long, tokenize_all
 
 FULL_SCAN_BYTES = 2 << 30  # feature files up to this size are scanned for NaN/inf when opened
 
@@ -269,10 +269,9 @@ def _karpathy_entry(json_path: str, i: int, entry) -> tuple:
         if not isinstance(raw, str):
             raise ValueError(f"{where}: sentence {k} has no 'raw' text")
         caps.append(' '.join(raw.split()))  # every whitespace run, line breaks included -> one space
-        if not 0 < len(caps[-1]) <= MAX_CAPTION_CHARS:
-            raise ValueError(f'{where}: sentence {k} is empty' if not caps[-1] else
-                             f'{where}: sentence {k} has {len(caps[-1]):,} characters, more than a '
-                             f'caption can ({MAX_CAPTION_CHARS:,})')
+        why = 'is empty' if not caps[-1] else too_long(caps[-1])
+        if why:
+            raise ValueError(f'{where}: sentence {k} {why}')
     return split, name, caps
 
 

@@ -189,7 +189,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
             raise ValueError(f'{path} has no label head, so the CASC score cannot be computed: '
                              f'pass --alpha 1 for the local score alone')
         check_img_dim(data_path, data_name, [split], model.cfg.img_dim, f'{path} (img_dim {model.cfg.img_dim})')
-    dataset = PrecompDataset(data_path, data_name, split, vocabs[0], max_images=None)
+    dataset = PrecompDataset(data_path, data_name, split, vocabs[0])
     _check_folds(dataset.n_images, split, fold5)
     if examples:
         import report

@@ -30,7 +30,7 @@ from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_img_dim
 from evaluation import _images_slice, encode_captions, encode_images, plan_chunks
 from model import CASC, Side
-from vocab import MAX_CAPTION_CHARS, encode, tokenize
+from vocab import encode, too_long, tokenize
 
 PRECISIONS = ('fp32', 'tf32', 'bf16')
 # Text queries are encoded and scored in batches of this many, sorted by length: queries come in any
@@ -108,8 +108,8 @@ def _short(text: str, n: int = 60) -> str:
 def query_tokens(query: str, where: str) -> list:
     """The project's tokens of a text query; ValueError naming `where` when it is longer than a
     caption can be or has no word (empty, or punctuation only)."""
-    if len(query) > MAX_CAPTION_CHARS:
-        raise ValueError(f'{where}: {len(query):,} characters, more than a caption can ({MAX_CAPTION_CHARS:,})')
+    if too_long(query):
+        raise ValueError(f'{where} {too_long(query)}')
     tokens = tokenize(query)
     if not any(ch.isalnum() for t in tokens for ch in t):
         raise ValueError(f'{where}: no words to search for')

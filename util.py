@@ -112,10 +112,8 @@ def progress(iterable=None, *, total=None, desc='', unit='it', unit_scale=False,
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
                     dynamic_ncols=True, mininterval=0.5, leave=leave)
-    bar = LogProgress(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, log=log)
-    if not enabled:
-        bar.interval = math.inf
-    return bar
+    return LogProgress(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, log=log,
+                       interval=None if enabled else math.inf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +202,7 @@ class FolderLock:
                              f'or choose another {self.flag}') from None
         os.ftruncate(fd, 0)
         os.write(fd, (f'pid {os.getpid()} on {socket.gethostname()} since '
-                      f'{time.strftime("%Y-%m-%d %H:%M:%S")} ({" ".join(sys.argv[:1])})').encode())
+                      f'{time.strftime("%Y-%m-%d %H:%M:%S")} ({sys.argv[0] if sys.argv else "python"})').encode())
         self.fd = fd
         return self
 

@@ -103,6 +103,14 @@ def encode(vocab: Vocabulary, tokens: list) -> list:
 MAX_CAPTION_CHARS = 2000  # 5x the longest Flickr30K caption (380): longer is a broken file
 
 
+def too_long(text: str) -> str:
+    """'' for a caption (or query) of a caption's length, else why not: 'has N characters, more
+    than a caption can (2,000)'. The one length check of caption files, annotation files, queries."""
+    if len(text) <= MAX_CAPTION_CHARS:
+        return ''
+    return f'has {len(text):,} characters, more than a caption can ({MAX_CAPTION_CHARS:,})'
+
+
 def read_captions(path: str) -> list:
     """One caption per line (UTF-8). ValueError naming the file and line of an empty, over-long
     (over MAX_CAPTION_CHARS: a missing line break, or not a caption file) or non-UTF-8 line."""
@@ -112,9 +120,8 @@ def read_captions(path: str) -> list:
     for n, cap in util.read_text_lines(path):
         if not cap:
             raise ValueError(f'{path}: line {n} is an empty caption')
-        if len(cap) > MAX_CAPTION_CHARS:
-            raise ValueError(f'{path}: line {n} has {len(cap):,} characters, more than a caption '
-                             f'can ({MAX_CAPTION_CHARS:,}): a missing line break?')
+        if too_long(cap):
+            raise ValueError(f'{path}: line {n} {too_long(cap)}: a missing line break?')
         caps.append(cap)
     return caps
 
