@@ -202,7 +202,7 @@ def train_worker(args, pool: list, device):
     for _ in range(1 + (args.train_steps if engine or device.type == 'cuda' else 1)):  # first: burn-in
         t0 = clock(device)
         if engine:
-            loss = model(images, captions, lens, targets, pos_weight)['loss']
+            loss = model(images, captions, lens, targets, pos_weight).loss
         else:  # the authors' way: the same encoders, then all B x B attended vectors
             loss = reference.train_loss(model.img_enc(images), model.txt_enc(captions, lens), lens, targets,
                                         head=head_params(model), pos_weight=pos_weight, margin=cfg.margin,
@@ -237,6 +237,7 @@ def main(argv=None):
     args = parse_args(argv)
     with util.one_line_errors():
         device = util.pick_device(args.device)
+        util.set_precision(args.precision)
     pool, source = length_pool()
     if args._train_worker:
         return train_worker(args, pool, device)

@@ -82,7 +82,7 @@ def compute_sims(model: CASC, img: Side, caps: list, memory_gb: float = 2.0, alp
     for idx, cap in caps:
         n_c, L = cap.mask.shape
         for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb):
-            chunk = model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision)['sims']
+            chunk = model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
             sims[i0:i1, idx] = chunk.float().cpu()
             bar.update(chunk.numel())
     bar.close()
@@ -176,6 +176,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
         util.check_writable(out, '--out', folder=True)
         util.check_writable(os.path.join(out, 'examples.html'), '--out')
     device = util.pick_device(device)
+    util.set_precision(precision)
     overrides = {'cross_attn': cross_attn} if cross_attn else {}
     paths = [p for p in (model_path, model_path2) if p]
     models = [load_model(p, device, **overrides) for p in paths]

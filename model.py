@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 EPS = 1e-8
+# Axes of the all-pairs region-word tensors (n_img, R, n_cap, L): the direction of attention is
+# named by the axis it normalizes over (t2i: words query regions; i2t: regions query words).
+REGION_AXIS, WORD_AXIS = 1, 3
 NORMS = ('clipped_l2norm', 'l2norm', 'clipped_l1norm', 'l1norm', 'clipped', 'softmax', 'no_norm')
 AGGS = ('Mean', 'Max', 'Sum', 'LogSumExp')
 
@@ -90,11 +93,12 @@ def softmax_last(x: Tensor) -> Tensor:
 
 
 def scaled_raw(x: Tensor, how: str, dim: int, lam: float, pad_bias: Tensor) -> Tensor:
-    """lam * (raw scores normalized along the query axis `dim`). x: region-word scores, already
-    clipped (LeakyReLU) for the clipped_* norms, exactly zero on padded words; pad_bias (broadcastable)
-    is 0 on real words and -inf on padding, so padding never enters a softmax."""
+    """lam * (raw scores normalized along the query axis `dim`, WORD_AXIS for t2i, REGION_AXIS for
+    i2t). x (n_img, R, n_cap, L): region-word scores, already clipped (LeakyReLU) for the clipped_*
+    norms, exactly zero on padded words; pad_bias (1, 1, n_cap, L) is 0 on real words and -inf on
+    padding, so padding never enters a softmax."""
     if how == 'softmax':
-        return lam * (softmax_last(x + pad_bias) if dim == 3 else torch.softmax(x, dim))
+        return lam * (softmax_last(x + pad_bias) if dim == WORD_AXIS else torch.softmax(x, dim))
     if how.endswith('l2norm'):  # (not vector_norm: 20x slower along the region axis on CPU)
         return x * (lam / (safe_sqrt(x.pow(2).sum(dim, keepdim=True)) + EPS))
     if how.endswith('l1norm'):
@@ -190,18 +194,12 @@ def label_similarity(logits_img: Tensor, logits_txt: Tensor) -> Tensor:
 
 def region_word_product(a: Tensor, b: Tensor, precision: str = 'fp32') -> Tensor:
     """a (M, d) @ b (N, d)^T, the one large product, in `precision`: fp32 (exact), bf16 (inputs
-    rounded to bfloat16, float32 result) or tf32 (inputs rounded to TF32's 10-bit mantissa: the
-    tensor cores on CUDA, the same rounding emulated elsewhere). All other work stays float32."""
+    rounded to bfloat16, float32 result) or tf32 (inputs rounded to TF32's 10-bit mantissa). On
+    CUDA, tf32 means the tensor cores, switched on once at start-up (util.set_precision) for
+    every float32 product; elsewhere this product's TF32 rounding is emulated here."""
     if precision == 'bf16':
         return (a.bfloat16() @ b.bfloat16().T).to(a.dtype)
-    if precision == 'tf32' and a.is_cuda:
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            return a @ b.T
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = before
-    if precision == 'tf32':  # round to nearest on the 13 mantissa bits that TF32 drops
+    if precision == 'tf32' and not a.is_cuda:  # round to nearest on the 13 mantissa bits that TF32 drops
         a, b = (((x.float().view(torch.int32) + 0x1000) & -0x2000).view(torch.float32).to(x.dtype) for x in (a, b))
     return a @ b.T
 
@@ -255,66 +253,88 @@ def prepare(emb: Tensor, mask: Optional[Tensor], head: Optional[LabelHead]) -> S
 
 
 def _region_word(img: Side, cap: Side, cfg: Config, precision: str) -> tuple:
-    """-> sims (n_img, R, n_cap, L) s_rw of every pair, raw (the same, clipped for the clipped_*
-    norms), pad_bias (1, 1, n_cap, L): 0 on real words, -inf on padding."""
+    """-> s_rw (n_img, R, n_cap, L) region-word dot products v_r . w_l of every pair, raw (the
+    same, clipped for the clipped_* norms), pad_bias (1, 1, n_cap, L): 0 on real words, -inf on padding."""
     n_img, R, d = img.emb.shape
     n_cap, L, _ = cap.emb.shape
-    sims = region_word_product(img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d), precision)
-    sims = sims.view(n_img, R, n_cap, L)
+    s_rw = region_word_product(img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d), precision)
+    s_rw = s_rw.view(n_img, R, n_cap, L)
     pad_bias = torch.zeros_like(cap.norm).masked_fill_(~cap.mask, -math.inf)[None, None]
-    raw = F.leaky_relu(sims, 0.1) if cfg.raw_feature_norm.startswith('clipped') else sims
-    return sims, raw, pad_bias
+    raw = F.leaky_relu(s_rw, 0.1) if cfg.raw_feature_norm.startswith('clipped') else s_rw
+    return s_rw, raw, pad_bias
 
 
 def t2i_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') -> Tensor:
     """Where each word looks: (n_img, n_cap, L, R), word l's t2i attention over the regions of
     each image (sums to 1 over R on real words, 0 on padded words): the weights of S_t2i."""
-    sims, raw, pad_bias = _region_word(img, cap, cfg, precision)
-    attn = torch.softmax(scaled_raw(raw, cfg.raw_feature_norm, 3, cfg.lambda_softmax_avg, pad_bias), 1)
+    _, raw, pad_bias = _region_word(img, cap, cfg, precision)
+    attn = torch.softmax(scaled_raw(raw, cfg.raw_feature_norm, WORD_AXIS, cfg.lambda_softmax_avg, pad_bias),
+                         REGION_AXIS)
     return attn.permute(0, 2, 3, 1) * cap.mask[None, :, :, None]  # (n_img, R, n_cap, L) -> (n_img, n_cap, L, R)
 
 
-def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') -> dict:
-    """All pairs of n_img images and n_cap captions, both directions at once.
+class Attended(NamedTuple):
+    """cross_attention's results for n_img images and n_cap captions."""
+    s_t2i: Tensor  # (n_img, n_cap) text-to-image relevance, aggregated over words
+    s_i2t: Tensor  # (n_img, n_cap) image-to-text relevance, aggregated over regions
+    h_img: Optional[Tensor]  # (n_img, n_cap, H) W1 u_img + b1 (bias added by the caller), when the sides
+    h_txt: Optional[Tensor]  # (n_img, n_cap, H) W1 u_txt: ... carry head projections; else None
 
-    Returns s_t2i, s_i2t (n_img, n_cap) and, when the sides carry head projections, h_img, h_txt
-    (n_img, n_cap, H): the label head's first layer W1 u + b1 applied to u_img (mean over words
-    of the t2i attended image contexts) and u_txt (mean over regions of the i2t word contexts).
-    """
-    n_img, R, d = img.emb.shape
-    n_cap, L, _ = cap.emb.shape
-    sims, raw, pad_bias = _region_word(img, cap, cfg, precision)
-    out = {}
+
+def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') -> Attended:
+    """All pairs of n_img images and n_cap captions, both directions at once. u_img is the mean
+    over words of the t2i attended image contexts, u_txt the mean over regions of the i2t word
+    contexts; h_* are their first label-head layer W1 u (bias excluded)."""
+    s_rw, raw, pad_bias = _region_word(img, cap, cfg, precision)
+    h_img = h_txt = None
 
     # t2i: words query regions. Normalize over words, softmax over regions.
-    attn = torch.softmax(scaled_raw(raw, cfg.raw_feature_norm, 3, cfg.lambda_softmax_avg, pad_bias), 1)
-    dot = (attn * sims).sum(1)  # w_l . c_l: (n_img, n_cap, L)
+    attn = torch.softmax(scaled_raw(raw, cfg.raw_feature_norm, WORD_AXIS, cfg.lambda_softmax_avg, pad_bias),
+                         REGION_AXIS)  # (n_img, R, n_cap, L)
+    dot = (attn * s_rw).sum(REGION_AXIS)  # w_l . c_l: (n_img, n_cap, L)
     ctx_norm = safe_sqrt(QuadForm.apply(attn, img.gram, False))  # ||c_l|| = sqrt(a^T G a): (n_img, n_cap, L)
     rel = dot / (cap.norm[None] * ctx_norm).clamp_min(EPS)
-    out['s_t2i'] = aggregate(rel, cap.mask[None], cfg.t2i_agg_func, cfg.lambda_lse)
+    s_t2i = aggregate(rel, cap.mask[None], cfg.t2i_agg_func, cfg.lambda_lse)
     if img.proj is not None:  # u_img's attention: mean over real words, (n_img, n_cap, R)
         word_weight = cap.mask.to(attn.dtype) / cap.mask.sum(1, keepdim=True)  # (n_cap, L)
-        out['h_img'] = torch.bmm((attn * word_weight).sum(3).transpose(1, 2), img.proj)  # (n_img, n_cap, H)
+        h_img = torch.bmm((attn * word_weight).sum(WORD_AXIS).transpose(1, 2), img.proj)  # (n_img, n_cap, H)
     del attn, dot, rel
 
     # i2t: regions query words. Normalize over regions, softmax over the real words.
-    logits = scaled_raw(raw, cfg.raw_feature_norm, 1, cfg.lambda_softmax_lse, pad_bias)
+    logits = scaled_raw(raw, cfg.raw_feature_norm, REGION_AXIS, cfg.lambda_softmax_lse, pad_bias)
     attn = softmax_last(logits + pad_bias)  # (n_img, R, n_cap, L)
     del logits, raw
-    dot = (attn * sims).sum(3)  # v_r . c_r: (n_img, R, n_cap)
+    dot = (attn * s_rw).sum(WORD_AXIS)  # v_r . c_r: (n_img, R, n_cap)
     ctx_norm = safe_sqrt(QuadForm.apply(attn, cap.gram, True))  # ||c_r||: (n_img, R, n_cap)
     rel = dot / (img.norm[:, :, None] * ctx_norm).clamp_min(EPS)
-    out['s_i2t'] = aggregate(rel.transpose(1, 2), None, cfg.i2t_agg_func, cfg.lambda_lse)
+    s_i2t = aggregate(rel.transpose(1, 2), None, cfg.i2t_agg_func, cfg.lambda_lse)
     if cap.proj is not None:  # u_txt's attention: mean over regions, (n_cap, n_img, L)
-        out['h_txt'] = torch.bmm(attn.mean(1).transpose(0, 1), cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
-    return out
+        h_txt = torch.bmm(attn.mean(REGION_AXIS).transpose(0, 1), cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
+    return Attended(s_t2i, s_i2t, h_img, h_txt)
 
 
-def local_score(out: dict, cross_attn: str) -> Tensor:
+def local_score(att: Attended, cross_attn: str) -> Tensor:
     """S_loc (n_img, n_cap): t2i, i2t, or (CASC, 'all') their average."""
     if cross_attn == 'all':
-        return (out['s_t2i'] + out['s_i2t']) / 2
-    return out[f's_{cross_attn}']
+        return (att.s_t2i + att.s_i2t) / 2
+    return att.s_t2i if cross_attn == 't2i' else att.s_i2t
+
+
+class Scores(NamedTuple):
+    """Evaluation scores of all pairs of n_img images and n_cap captions."""
+    sims: Tensor  # (n_img, n_cap) the ranking score: alpha * local + (1 - alpha) * label (local without a head)
+    local: Tensor  # (n_img, n_cap) S_loc
+    label: Optional[Tensor]  # (n_img, n_cap) S_label, cosine of the two label distributions; None without a head
+    logits_img: Optional[Tensor]  # (n_img, n_cap, K) label logits of each pair's attended image
+
+
+class Loss(NamedTuple):
+    """The training loss of a (global) batch of B matched pairs."""
+    loss: Tensor  # scalar: hinge + label_weight * label_loss
+    hinge: Tensor  # scalar: SCAN's triplet loss on S_loc
+    label_loss: Optional[Tensor]  # scalar: BCE of both label predictions; None without the head's loss
+    logits_img: Optional[Tensor]  # (B, K) label logits of the matched pairs' attended images
+    targets: Optional[Tensor]  # (B, K) their multi-hot labels
 
 
 class CASC(nn.Module):
@@ -337,27 +357,29 @@ class CASC(nn.Module):
         mask = torch.arange(captions.size(1), device=captions.device) < lengths.to(captions.device)[:, None]
         return prepare(self.txt_enc(captions, lengths), mask, self.head)
 
-    def scores(self, img: Side, cap: Side, alpha: Optional[float] = None, precision: str = 'fp32') -> dict:
-        """Evaluation scores of all pairs: 'local', and with a head 'label' and the fused
-        'sims' = alpha * local + (1 - alpha) * label, each (n_img, n_cap); 'logits_img' (n_img, n_cap, K)."""
+    def scores(self, img: Side, cap: Side, alpha: Optional[float] = None, precision: str = 'fp32') -> Scores:
+        """Evaluation scores of all pairs of the prepared images and captions. The one place where
+        score terms are fused."""
         cfg = self.cfg
         alpha = cfg.alpha if alpha is None else alpha
-        out = cross_attention(img, cap, cfg, precision)
-        res = {'local': local_score(out, cfg.cross_attn)}
-        res['sims'] = res['local']
-        if self.head is not None and alpha != 1.0:
-            b1 = self.head.fc1.bias
-            res['logits_img'] = self.head.from_hidden(out['h_img'] + b1)
-            res['label'] = label_similarity(res['logits_img'], self.head.from_hidden(out['h_txt'] + b1))
-            res['sims'] = alpha * res['local'] + (1 - alpha) * res['label']
-        return res
+        att = cross_attention(img, cap, cfg, precision)
+        local = local_score(att, cfg.cross_attn)
+        if self.head is None or alpha == 1.0:
+            return Scores(local, local, None, None)
+        b1 = self.head.fc1.bias
+        logits_img = self.head.from_hidden(att.h_img + b1)
+        label = label_similarity(logits_img, self.head.from_hidden(att.h_txt + b1))
+        return Scores(alpha * local + (1 - alpha) * label, local, label, logits_img)
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor, targets: Optional[Tensor] = None,
-                pos_weight: Optional[Tensor] = None) -> dict:
+                pos_weight: Optional[Tensor] = None, gather=None) -> Loss:
         """Training loss of a batch of B matched pairs (image i with caption i).
 
         images (B, R, img_dim), captions (B, L), lengths (B,), targets (B, K) multi-hot.
-        Returns 'loss', 'hinge', 'label_loss' and the label logits of the matched pairs (B, K).
+        With several processes (parallel.py), each holds B_p consecutive pairs of the global batch
+        and `gather` concatenates a tensor (B_p, ...) of every process into (B, ...), with
+        gradients: this process scores its images against all captions, and the loss is the
+        global batch's, the same number on every process.
         """
         cfg = self.cfg
         use_head = self.head is not None and targets is not None and cfg.label_weight > 0
@@ -365,38 +387,48 @@ class CASC(nn.Module):
         cap = self.encode_captions(captions, lengths)
         if not use_head:
             img, cap = img._replace(proj=None), cap._replace(proj=None)
-        out = grouped_cross_attention(img, cap, cfg)
-        res = {'hinge': hinge_loss(local_score(out, cfg.cross_attn), cfg.margin, cfg.max_violation)}
-        res['loss'] = res['hinge']
-        if use_head:
-            b1 = self.head.fc1.bias  # the head only ever sees the matched pairs in training
-            res['logits_img'] = self.head.from_hidden(out['h_img'] + b1)  # (B, K)
-            res['logits_txt'] = self.head.from_hidden(out['h_txt'] + b1)
-            res['label_loss'] = sum(F.binary_cross_entropy_with_logits(res[k], targets, pos_weight=pos_weight)
-                                    for k in ('logits_img', 'logits_txt'))
-            res['loss'] = res['hinge'] + cfg.label_weight * res['label_loss']
-        return res
+        first = 0  # the global batch index of this process's first pair
+        if gather is not None:
+            first = gather.offset
+            cap = Side(*(None if t is None else gather(t) for t in cap))  # every caption of the batch
+        att = grouped_cross_attention(img, cap, cfg, first)
+        sims = local_score(att, cfg.cross_attn)  # (B_p, B): rows of this process's images
+        hinge = hinge_loss(sims if gather is None else gather(sims), cfg.margin, cfg.max_violation)
+        if not use_head:
+            return Loss(hinge, hinge, None, None, None)
+        b1 = self.head.fc1.bias  # the head only ever sees the matched pairs in training
+        logits = [self.head.from_hidden(att.h_img + b1), self.head.from_hidden(att.h_txt + b1)]  # (B_p, K)
+        if gather is not None:
+            logits, targets = [gather(x) for x in logits], gather(targets)
+        label_loss = sum(F.binary_cross_entropy_with_logits(x, targets, pos_weight=pos_weight) for x in logits)
+        return Loss(hinge + cfg.label_weight * label_loss, hinge, label_loss, logits[0], targets)
 
 
-def grouped_cross_attention(img: Side, cap: Side, cfg: Config, group: int = 32) -> dict:
-    """Training's B x B cross attention, over groups of `group` captions of similar length, each
-    padded only to its own longest: pairs are independent, so the scores are exactly those of one
-    call, with far fewer padded cells (time and memory). img and cap: B matched items each.
-    Returns s_t2i, s_i2t (B, B) and, with head projections, h_img, h_txt (B, H) of the matched pairs."""
+def grouped_cross_attention(img: Side, cap: Side, cfg: Config, first: int = 0, group: int = 32) -> Attended:
+    """Training's cross attention of n images with B captions, image i matching caption first + i,
+    over groups of `group` captions of similar length, each padded only to its own longest: pairs
+    are independent, so the scores are exactly those of one call, with far fewer padded cells.
+    Returns s_t2i, s_i2t (n, B) and, with head projections, h_img, h_txt (n, H) of the matched pairs."""
+    n = img.emb.size(0)
     lengths = cap.mask.sum(1)  # (B,)
     order = torch.argsort(lengths, descending=True, stable=True)
-    parts = []
+    s_t2i, s_i2t, h_img, h_txt, rows = [], [], [], [], []
     for idx in order.split(group):
         L = int(lengths[idx[0]])
         sub = Side(cap.emb[idx, :L], cap.mask[idx, :L], cap.norm[idx, :L], cap.gram[idx, :L, :L],
                    None if cap.proj is None else cap.proj[idx, :L])
-        out = cross_attention(img, sub, cfg)
-        match = torch.arange(len(idx), device=idx.device)
-        parts.append({k: v[idx, match] if k.startswith('h_') else v for k, v in out.items()})  # h: matched pairs
+        att = cross_attention(img, sub, cfg)
+        s_t2i.append(att.s_t2i), s_i2t.append(att.s_i2t)
+        if att.h_img is not None:  # the matched pairs among the group's captions
+            cols = ((idx >= first) & (idx < first + n)).nonzero().squeeze(1)
+            rows.append(idx[cols] - first)
+            h_img.append(att.h_img[rows[-1], cols]), h_txt.append(att.h_txt[rows[-1], cols])
     inverse = torch.argsort(order)  # back to batch order
-    res = {k: torch.cat([p[k] for p in parts], 1)[:, inverse] for k in ('s_t2i', 's_i2t')}
-    res.update({k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0] if k.startswith('h_')})
-    return res
+    s_t2i, s_i2t = torch.cat(s_t2i, 1)[:, inverse], torch.cat(s_i2t, 1)[:, inverse]
+    if not rows:
+        return Attended(s_t2i, s_i2t, None, None)
+    image_order = torch.argsort(torch.cat(rows))
+    return Attended(s_t2i, s_i2t, torch.cat(h_img)[image_order], torch.cat(h_txt)[image_order])
 
 
 def hinge_loss(sims: Tensor, margin: float, max_violation: bool) -> Tensor:

@@ -199,7 +199,7 @@ def pair_attention(model, img, cap, precision: str = 'fp32') -> torch.Tensor:
 def pair_labels(model, img, cap) -> torch.Tensor:
     """One encoded image and one caption -> label probabilities (K,): sigmoid of the head's logits
     for the image attended by that caption."""
-    return torch.sigmoid(model.scores(img, cap, alpha=0.0)['logits_img'][0, 0]).float().cpu()
+    return torch.sigmoid(model.scores(img, cap, alpha=0.0).logits_img[0, 0]).float().cpu()
 
 
 @torch.inference_mode()
@@ -207,7 +207,7 @@ def predicted_labels(model, images, captions: list, i: int, cap_ids: list, devic
     """Label probabilities (K,) of image i: sigmoid(f(u_img)) averaged over the given captions,
     since u_img is the image attended by a caption (as the authors' label view does)."""
     img = encode_images(model, images[i:i + 1], device=device)
-    probs = [torch.sigmoid(model.scores(img, cap, alpha=0.0)['logits_img'][0]) for _, cap in
+    probs = [torch.sigmoid(model.scores(img, cap, alpha=0.0).logits_img[0]) for _, cap in
              encode_captions(model, [captions[k] for k in cap_ids], device=device)]
     return torch.cat(probs).mean(0).float().cpu()
 

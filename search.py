@@ -70,7 +70,7 @@ def top_images(model: CASC, img: Side, queries: list, k: int, alpha=None, precis
         n_c, L = cap.mask.shape
         best = None
         for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb):
-            sims = model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision)['sims']
+            sims = model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
             best = merge_topk(best, sims.float().T, torch.arange(i0, i1, device=sims.device), k)  # (n_c, k)
             bar.update(sims.numel())
         values[idx], indices[idx] = best[0].cpu(), best[1].cpu()
@@ -90,7 +90,7 @@ def top_captions(model: CASC, img: Side, caps: list, k: int, alpha=None, precisi
     best = None
     for idx, cap in caps:
         n_c, L = cap.mask.shape
-        sims = torch.cat([model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision)['sims']
+        sims = torch.cat([model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
                           for i0, i1 in plan_chunks(n_q, n_c, R, L, model.cfg, img.emb.device, memory_gb)])
         best = merge_topk(best, sims.float(), idx.to(sims.device), k)  # (n_q, k)
         bar.update(sims.numel())
@@ -166,6 +166,7 @@ class Searcher:
         if precision not in PRECISIONS:
             raise ValueError(f'--precision {precision!r}: expected one of {", ".join(PRECISIONS)}')
         self.device = util.pick_device(device)
+        util.set_precision(precision)
         loaded = load_model(model_path, self.device)
         self.model, cfg = loaded.model, loaded.model.cfg
         data_name, data_path = data_name or loaded.opt['data_name'], data_path or loaded.opt['data_path']

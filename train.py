@@ -143,21 +143,21 @@ def train_one_epoch(model, opts, loader, pos_weight, args, state, writer, on_val
         images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
         targets = None if targets is None else targets.to(device, non_blocking=True)
         out = model(images, captions, lengths, targets, pos_weight)
-        if not math.isfinite(out['loss'].item()):
+        if not math.isfinite(out.loss.item()):
             raise FloatingPointError(f'non-finite loss at iteration {state["Eiters"] + 1} (epoch '
                                      f'{state["epoch"]}); stopped, the last good checkpoint in '
                                      f'{args.model_name} is kept')
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        out['loss'].backward()
+        out.loss.backward()
         for opt, params in zip(opts, groups):
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
         state['Eiters'] += 1
-        stats = {k: out[k].item() for k in ('loss', 'hinge', 'label_loss') if k in out}
+        stats = {k: getattr(out, k).item() for k in ('loss', 'hinge', 'label_loss') if getattr(out, k) is not None}
         stats['pairs_per_s'] = len(images) / (time.perf_counter() - t0)
-        if 'logits_img' in out:
-            stats['label_precision'], stats['label_recall'] = label_stats(out['logits_img'], targets)
+        if out.logits_img is not None:
+            stats['label_precision'], stats['label_recall'] = label_stats(out.logits_img, out.targets)
         bar.set_postfix(loss=f'{stats["loss"]:.3f}', pairs_s=f'{stats["pairs_per_s"]:.0f}')
         if state['Eiters'] % args.log_step == 0:
             log.info('epoch %d iter %d %s', state['epoch'], state['Eiters'],
@@ -229,6 +229,7 @@ def run(args, saved: list):
     Ctrl-C message: writes are atomic, so the ones that exist are complete)."""
     from torch.utils.tensorboard import SummaryWriter
     device = util.pick_device(args.device)
+    util.set_precision(args.precision)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     vocab, label_words, pos_weight = load_vocab_and_labels(args)
     cfg = Config.from_opt(vars(args), vocab_size=len(vocab))

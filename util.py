@@ -302,3 +302,11 @@ def pick_device(name=None):
     if device.type not in ('cpu', 'cuda', 'mps'):
         raise ValueError(f'--device {name}: expected cpu, cuda, cuda:N or mps')
     return device
+
+
+def set_precision(precision: str):
+    """--precision, set once where a program starts: 'tf32' lets CUDA's float32 products use the
+    TF32 tensor cores (model.region_word_product emulates its rounding on other devices); 'fp32'
+    and 'bf16' keep CUDA's float32 products exact."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'

@@ -345,7 +345,7 @@ def test_alpha_and_cross_attn_select_the_score(world, encoded, base, local_a, tm
         _, one_way_local[direction] = eval_sims(world, tmp_path, world.a, '--cross_attn', direction,
                                                 '--alpha', '1', name=f'{direction}_a1.npy')
         expected = torch.empty(40, 200)
-        expected[:, idx] = engine[f's_{direction}']  # the model's own s_t2i / s_i2t
+        expected[:, idx] = getattr(engine, f's_{direction}')  # the model's own s_t2i / s_i2t
         np.testing.assert_allclose(one_way_local[direction], expected.numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(one_way_local[direction][np.ix_(IMGS, CAPS)], slow[f's_{direction}'].numpy(),
                                    rtol=0, atol=1e-5)

@@ -50,9 +50,9 @@ def test_scores_equal_authors_loop_every_norm_and_direction(norm, cross_attn):
     with torch.no_grad():
         fast = engine_scores(img, cap, mask, head, cfg)
         slow = ref.casc_scores(img, cap, LENS, head=head_weights(head), alpha=0.8, **ref_kwargs(cfg))
-    torch.testing.assert_close(fast['local'], slow['s_loc'], rtol=0, atol=1e-10)
-    torch.testing.assert_close(fast['label'], slow['s_label'], rtol=0, atol=1e-10)
-    torch.testing.assert_close(fast['sims'], slow['s'], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast.local, slow['s_loc'], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast.label, slow['s_label'], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast.sims, slow['s'], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize('t2i_agg,i2t_agg', list(itertools.product(model.AGGS, model.AGGS)))
@@ -63,7 +63,7 @@ def test_scores_equal_authors_loop_every_aggregation(t2i_agg, i2t_agg):
         fast = engine_scores(img, cap, mask, head, cfg)
         slow = ref.casc_scores(img, cap, LENS, head=head_weights(head), **ref_kwargs(cfg))
     for f, s in (('local', 's_loc'), ('sims', 's')):
-        torch.testing.assert_close(fast[f], slow[s], rtol=0, atol=1e-10)
+        torch.testing.assert_close(getattr(fast, f), slow[s], rtol=0, atol=1e-10)
 
 
 def test_float32_engine_within_1e5_of_reference():
@@ -72,14 +72,14 @@ def test_float32_engine_within_1e5_of_reference():
         fast = engine_scores(img, cap, mask, head, Config())
         slow = ref.casc_scores(img.double(), cap.double(), LENS,
                                head=[w.double() for w in head_weights(head)], **ref_kwargs(Config()))
-    assert (fast['sims'].double() - slow['s']).abs().max() < 1e-5
+    assert (fast.sims.double() - slow['s']).abs().max() < 1e-5
 
 
 def test_alpha_one_is_the_local_score_and_no_head_means_local():
     img, cap, mask, head = tiny()
     with torch.no_grad():
         out = engine_scores(img, cap, mask, head, Config(), alpha=1.0)
-    assert 'label' not in out and torch.equal(out['sims'], out['local'])
+    assert out.label is None and torch.equal(out.sims, out.local)
 
 
 def test_gram_identity_for_attended_norms():
@@ -100,7 +100,7 @@ def test_padding_changes_no_score():
     with torch.no_grad():
         a = engine_scores(img, cap, mask, head, cfg)
         b = engine_scores(img, wide, wide_mask, head, cfg)
-    torch.testing.assert_close(a['sims'], b['sims'], rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.sims, b.sims, rtol=0, atol=1e-12)
 
 
 def test_chunks_equal_one_shot():
@@ -108,9 +108,9 @@ def test_chunks_equal_one_shot():
     img, cap, mask, head = tiny(seed=5)
     cfg = Config()
     with torch.no_grad():
-        full = engine_scores(img, cap, mask, head, cfg)['sims']
+        full = engine_scores(img, cap, mask, head, cfg).sims
         for i0, i1, j0, j1 in ((0, 1, 0, 5), (1, 3, 2, 5), (2, 3, 4, 5)):
-            part = engine_scores(img[i0:i1], cap[j0:j1], mask[j0:j1], head, cfg)['sims']
+            part = engine_scores(img[i0:i1], cap[j0:j1], mask[j0:j1], head, cfg).sims
             torch.testing.assert_close(part, full[i0:i1, j0:j1], rtol=0, atol=1e-12)
 
 
@@ -141,9 +141,9 @@ def test_training_loss_equals_authors_loss_and_uses_pos_weight():
     expected = ref.train_loss(img_emb, cap_emb, lengths, targets, head=head_weights(m.head),
                               pos_weight=pos_weight, margin=cfg.margin, max_violation=True,
                               label_weight=cfg.label_weight)
-    torch.testing.assert_close(out['loss'], expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-10)
     other = m(images, captions, lengths, targets, pos_weight * 2)
-    assert abs(other['label_loss'].item() - out['label_loss'].item()) > 1e-3
+    assert abs(other.label_loss.item() - out.label_loss.item()) > 1e-3
 
 
 def test_gradients_reach_every_parameter_and_stay_finite_with_short_captions():
@@ -155,7 +155,7 @@ def test_gradients_reach_every_parameter_and_stay_finite_with_short_captions():
         lengths = torch.tensor([7, 1, 2, 3])  # mostly padding: the NaN trap of spec 8b
         captions = torch.randint(4, 30, (4, 7)) * (torch.arange(7) < lengths[:, None])
         out = m(torch.rand(4, R, 10), captions, lengths, (torch.rand(4, K) > 0.5).float(), torch.ones(K))
-        out['loss'].backward()
+        out.loss.backward()
         for name, p in m.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
             assert torch.isfinite(p.grad).all(), name
@@ -198,7 +198,7 @@ def test_training_gradients_equal_the_authors_loss_gradients():
     lengths = torch.tensor([6, 3, 5, 2])
     captions = torch.randint(4, 30, (4, 6)) * (torch.arange(6) < lengths[:, None])
     targets = (torch.rand(4, K) > 0.5).double()
-    m(images, captions, lengths, targets, torch.ones(K, dtype=torch.float64))['loss'].backward()
+    m(images, captions, lengths, targets, torch.ones(K, dtype=torch.float64)).loss.backward()
     fast = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     ref.train_loss(m.img_enc(images), m.txt_enc(captions, lengths), lengths, targets, head=head_weights(m.head),
@@ -229,9 +229,9 @@ def test_grouped_training_attention_equals_one_call(group):
     full = cross_attention(*sides, Config())
     grouped = model.grouped_cross_attention(*sides, Config(), group=group)
     for k in ('s_t2i', 's_i2t'):
-        torch.testing.assert_close(grouped[k], full[k], rtol=0, atol=1e-12)
+        torch.testing.assert_close(getattr(grouped, k), getattr(full, k), rtol=0, atol=1e-12)
     for k in ('h_img', 'h_txt'):
-        torch.testing.assert_close(grouped[k], full[k].diagonal().T, rtol=0, atol=1e-12)
+        torch.testing.assert_close(getattr(grouped, k), getattr(full, k).diagonal().T, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize('norm', model.NORMS)

@@ -469,7 +469,7 @@ def label_probs(api, query: str, i: int) -> torch.Tensor:
     """sigmoid of the label head's logits for the pair (K,)."""
     _, img, cap = encoded_pair(api, query, i)
     with torch.inference_mode():
-        return torch.sigmoid(api.model.scores(img, cap, alpha=0.0)['logits_img'][0, 0])
+        return torch.sigmoid(api.model.scores(img, cap, alpha=0.0).logits_img[0, 0])
 
 
 @pytest.mark.parametrize('split, pictures, boxes', [('test', False, False), ('test', False, True),
