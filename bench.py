@@ -1,4 +1,4 @@
-"""Benchmark the CASC engine against the authors' algorithm (tests/reference.py) at the paper's sizes.
+"""Benchmark the CASC engine against the authors' algorithm (reference.py) at the paper's sizes.
 
     python bench.py [--device cpu|cuda] [--n_img 1000] [--n_cap 5000] [--ref_caps 20] [--skip_train]
     python bench.py --search [--n_img 1000]     # search.py's text queries/s over --n_img images
@@ -23,15 +23,13 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import evaluation
+import reference
 import search
 import util
 from model import CASC, Config, Side
 from vocab import read_captions, tokenize
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(ROOT, 'tests'))
-import reference  # noqa: E402  (the authors' algorithm as a slow loop; tests/ is no package)
-
 CAPS = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'f30k_precomp', 'test_caps.txt')
 FALLBACK_LENS = (9, 11, 12, 13, 14, 15, 16, 18, 20, 26)  # deciles of the real F30K test lengths
 R, IMG_DIM, VOCAB = 36, 2048, 8481
@@ -54,55 +52,56 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def clock(device) -> float:
-    """Wall time once the device has finished its queued work."""
+def timed(fn, device) -> tuple:
+    """fn() -> (its result, wall seconds until the device has finished its queued work)."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def memory_mb(device, peak: bool = False, reset: bool = False) -> float:
+    """This process's memory now, or its peak since the last reset (CUDA allocator, or resident set)."""
     if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return time.perf_counter()
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2 ** 20
+    if reset:  # VmHWM restarts from now (ru_maxrss may still hold the parent's peak: vfork + exec keeps it)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    with open('/proc/self/status') as f:
+        return int(dict(ln.split(':', 1) for ln in f)['VmHWM' if peak else 'VmRSS'].split()[0]) / 1024
 
 
-def length_pool() -> tuple:
-    """Caption lengths (tokens + <start>, <end>) to draw from -> (list, where they come from)."""
-    if os.path.isfile(CAPS):
-        return [len(tokenize(c)) + 2 for c in read_captions(CAPS)], 'the real Flickr30K test captions'
-    return list(FALLBACK_LENS), f'a FIXED distribution (deciles {FALLBACK_LENS}) since {CAPS} is absent'
+def random_captions(pool: list, n: int, gen, lens=None) -> list:
+    """n random captions (word ids between <start> 1 and <end> 2), lengths drawn from pool (or lens)."""
+    lens = lens or [pool[k] for k in torch.randint(len(pool), (n,), generator=gen).tolist()]
+    return [[1] + torch.randint(4, VOCAB, (m - 2,), generator=gen).tolist() + [2] for m in lens]
 
 
-def random_captions(lens: list, gen) -> list:
-    """Random word ids between <start> (1) and <end> (2), one list per length."""
-    return [[1] + torch.randint(4, VOCAB, (n - 2,), generator=gen).tolist() + [2] for n in lens]
-
-
-def head_params(model: CASC) -> tuple:
-    return model.head.fc1.weight, model.head.fc1.bias, model.head.fc2.weight, model.head.fc2.bias
+def images(n: int, gen) -> torch.Tensor:
+    return torch.randn(n, R, IMG_DIM, generator=gen).relu_()  # (n, R, IMG_DIM), non-negative as bottom-up features
 
 
 def bench_eval(args, model: CASC, pool: list, device) -> list:
     """Time all-pairs scoring (engine: all pairs; reference: --ref_caps captions) -> table rows."""
-    gen = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.n_img, R, IMG_DIM, generator=gen).relu_()  # non-negative, as bottom-up features
-    lens = [pool[k % len(pool)] for k in range(args.n_cap)]
-    img = evaluation.encode_images(model, images.numpy(), device=device)
-    caps = evaluation.encode_captions(model, random_captions(lens, gen), device=device)
-    chunks = [(i1 - i0, cap) for _, cap in caps  # the (images, captions) chunks compute_sims scores
-              for i0, i1 in evaluation.plan_chunks(args.n_img, *cap.mask.shape, R, model.cfg, device,
-                                                   args.eval_memory_gb)]
-    run = lambda c: evaluation.compute_sims(model, img, c, args.eval_memory_gb, precision=args.precision,
-                                            progress=False)  # noqa: E731
-    run([(torch.arange(len(caps[0][0])), caps[0][1])])  # burn-in on the first caption batch
-    before = reset_peak(device)
-    t0 = clock(device)
-    sims = run(caps)  # (n_img, n_cap)
-    t_eng = clock(device) - t0
+    gen, lens = torch.Generator().manual_seed(args.seed), [pool[k % len(pool)] for k in range(args.n_cap)]
+    img = evaluation.encode_images(model, images(args.n_img, gen).numpy(), device=device)
+    caps = evaluation.encode_captions(model, random_captions(pool, args.n_cap, gen, lens), device=device)
+    run = lambda c: lambda: evaluation.compute_sims(model, img, c, args.eval_memory_gb,  # noqa: E731
+                                                    precision=args.precision, progress=False)
+    run([(torch.arange(len(caps[0][0])), caps[0][1])])()  # burn-in on the first caption batch
+    before = memory_mb(device, reset=True)
+    sims, t_eng = timed(run(caps), device)  # (n_img, n_cap)
     peak = memory_mb(device, peak=True) - before
     where = {int(k): (cap, row) for idx, cap in caps for row, k in enumerate(idx)}  # caption -> its encoding
     cap_emb = pad_sequence([where[j][0].emb[where[j][1], :lens[j]] for j in range(args.ref_caps)], True)
     cap_lens = torch.tensor(lens[:args.ref_caps])
-    with torch.inference_mode():  # Config() defaults = reference defaults = the paper's settings
-        reference.casc_scores(img.emb, cap_emb[:1], cap_lens[:1], head=head_params(model))  # burn-in
-        t0 = clock(device)
-        ref = reference.casc_scores(img.emb, cap_emb, cap_lens, head=head_params(model), alpha=model.cfg.alpha)
-        t_ref = clock(device) - t0
+    with torch.inference_mode():  # the same Config, weights and encoded inputs as the engine
+        reference.casc_scores(img.emb, cap_emb[:1], cap_lens[:1], model.cfg, model.head)  # burn-in
+        ref, t_ref = timed(lambda: reference.casc_scores(img.emb, cap_emb, cap_lens, model.cfg, model.head), device)
     diff = (ref['s'].float().cpu() - sims[:, :args.ref_caps]).abs().max().item()
     n_ref, n_all, t_proj = args.n_img * args.ref_caps, args.n_img * args.n_cap, t_ref * args.n_cap / args.ref_caps
     print(f'engine: {n_all:,} pairs in {t_eng:.1f} s = {n_all / t_eng:,.0f} pairs/s; peak memory while scoring '
@@ -111,29 +110,29 @@ def bench_eval(args, model: CASC, pool: list, device) -> list:
     print(f"authors' algorithm: {n_ref:,} pairs in {t_ref:.1f} s = {n_ref / t_ref:,.0f} pairs/s, "
           f'extrapolated: {t_proj:.0f} s for all {n_all:,} pairs')
     print(f'max |engine - reference| over those {n_ref:,} scores: {diff:.2e} (target < 1e-5 in fp32)')
-    matmul_share(args, img, chunks, t_eng, device, model.cfg)
+    matmul_share(args, img, caps, t_eng, device, model.cfg)
     return [("eval pairs/s (authors' extrapolated)", n_ref / t_ref, n_all / t_eng, t_proj / t_eng),
             (f"eval s, {args.n_img} x {args.n_cap} (authors' projected)", t_proj, t_eng, t_proj / t_eng),
             ('eval max |score diff| (fp32 target < 1e-5)', None, diff, None)]
 
 
-def matmul_share(args, img, chunks: list, t_eval: float, device, cfg: Config):
-    """The region-word product alone at the evaluation's chunk shapes, vs a large plain matmul."""
+
+
+def matmul_share(args, img: Side, caps: list, t_eval: float, device, cfg: Config):
+    """The region-word product alone at the chunk shapes of compute_sims (evaluation.plan_chunks's),
+    vs a large plain matmul."""
+    chunks = [(i1 - i0, cap) for _, cap in caps
+              for i0, i1 in evaluation.plan_chunks(args.n_img, *cap.mask.shape, R, cfg, device, args.eval_memory_gb)]
     dtype, d = (torch.bfloat16 if args.precision == 'bf16' else torch.float32), img.emb.size(-1)
-    seconds, flops = 0.0, 0
-    for k, (n_i, cap) in enumerate(chunks[:1] + chunks):  # the first one twice: burn-in
+
+    def product(n_i: int, cap: Side) -> float:
         a, b = img.emb[:n_i].reshape(-1, d).to(dtype), cap.emb.reshape(-1, d).to(dtype)
-        t0 = clock(device)
-        a @ b.T  # (n_i * R, n_c * L)
-        if k:
-            seconds += clock(device) - t0
-            flops += 2 * a.size(0) * b.size(0) * d
-    x, times = torch.randn(4096, 4096, device=device, dtype=dtype), []
-    for _ in range(4):  # the first is burn-in
-        t0 = clock(device)
-        x @ x
-        times.append(clock(device) - t0)
-    gflops, peak = flops / seconds / 1e9, 2 * 4096 ** 3 / min(times[1:]) / 1e9
+        return timed(lambda: a @ b.T, device)[1]  # (n_i * R, n_c * L)
+    product(*chunks[0])  # burn-in
+    seconds, flops = sum(product(*c) for c in chunks), sum(2 * n_i * R * cap.mask.numel() * d for n_i, cap in chunks)
+    x = torch.randn(4096, 4096, device=device, dtype=dtype)
+    peak = 2 * 4096 ** 3 / min([timed(lambda: x @ x, device)[1] for _ in range(4)][1:]) / 1e9  # the first: burn-in
+    gflops = flops / seconds / 1e9
     print(f'dominant product: {gflops:.0f} GFLOP/s = {100 * gflops / peak:.0f}% of torch.matmul ({peak:.0f} '
           f'GFLOP/s, 4096^3 {dtype}); it takes {seconds:.1f} s = {100 * seconds / t_eval:.0f}% of the '
           f'evaluation ({len(chunks)} chunks, {flops / 1e12:.2f} TFLOP)')
@@ -144,21 +143,17 @@ def matmul_share(args, img, chunks: list, t_eval: float, device, cfg: Config):
 def bench_search(args, model: CASC, pool: list, device):
     """Text queries/s of search.top_images over --n_img random images, 1 and 100 queries per call."""
     gen = torch.Generator().manual_seed(args.seed)
-    parts = [evaluation.encode_images(model, torch.randn(min(1000, args.n_img - i0), R, IMG_DIM, generator=gen)
-                                      .relu_().numpy(), device=device)  # 1,000 at a time: 10,000 raw = 2.9 GB
-             for i0 in range(0, args.n_img, 1000)]
+    parts = [evaluation.encode_images(model, images(min(1000, args.n_img - i0), gen).numpy(), device=device)
+             for i0 in range(0, args.n_img, 1000)]  # 1,000 at a time: 10,000 raw images are 2.9 GB
     img = Side(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
     for n_q in (1, 100):
-        queries = random_captions([pool[k] for k in torch.randint(len(pool), (n_q,), generator=gen).tolist()], gen)
-        run = lambda qs: search.top_images(  # noqa: E731  (as search.Searcher.text does)
+        queries, times = random_captions(pool, n_q, gen), []
+        run = lambda qs: lambda: search.top_images(  # noqa: E731  (as search.Searcher.text does)
             model, img, evaluation.encode_captions(model, qs, search.QUERY_BATCH, device), 10,
             precision=args.precision, memory_gb=args.eval_memory_gb)
-        run(queries[:1])  # burn-in
-        times = []
+        run(queries[:1])()  # burn-in
         while len(times) < 3 and sum(times) < 10:
-            t0 = clock(device)
-            run(queries)
-            times.append(clock(device) - t0)
+            times.append(timed(run(queries), device)[1])
         t = sorted(times)[len(times) // 2]
         print(f'search, {n_q} text quer{"y" if n_q == 1 else "ies"} per call over {args.n_img:,} images: {t:.3f} s '
               f'per call = {n_q / t:,.1f} queries/s (median of {len(times)}; {memory_mb(device):.0f} MB in use)')
@@ -166,51 +161,30 @@ def bench_search(args, model: CASC, pool: list, device):
             print(f'  one query over 100,000 images, extrapolated linearly: {t * 100_000 / args.n_img:.1f} s')
 
 
-def memory_mb(device, peak: bool = False) -> float:
-    """This process's memory now (or its peak since the last reset): CUDA allocator, or resident set."""
-    if device.type == 'cuda':
-        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2 ** 20
-    with open('/proc/self/status') as f:
-        status = dict(line.split(':', 1) for line in f)
-    return int(status['VmHWM' if peak else 'VmRSS'].split()[0]) / 1024  # VmHWM: ru_maxrss of this mm
-
-
-def reset_peak(device) -> float:
-    """Restart the peak-memory count of this process -> its memory now (MB)."""
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    else:  # reset VmHWM: ru_maxrss may still hold the parent's peak (vfork + exec keeps it)
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    return memory_mb(device)
-
-
 def train_worker(args, pool: list, device):
     """One side's training steps in this fresh process; prints {times, peak_mb, loss} as JSON."""
     torch.manual_seed(args.seed)  # the same weights in both workers
     gen = torch.Generator().manual_seed(args.seed)
     model = CASC(Config(vocab_size=VOCAB)).to(device).train()
-    B, K, cfg = args.batch_size, model.cfg.num_labels, model.cfg
-    lens = torch.tensor([pool[k] for k in torch.randint(len(pool), (B,), generator=gen).tolist()])
-    captions = pad_sequence([torch.tensor(c) for c in random_captions(lens.tolist(), gen)], True)  # (B, L)
-    images = torch.randn(B, R, IMG_DIM, generator=gen).relu_()
+    B, K = args.batch_size, model.cfg.num_labels
+    captions = [torch.tensor(c) for c in random_captions(pool, B, gen)]
+    ims = images(B, gen)
     targets = (torch.rand(B, K, generator=gen) < 0.02).float()  # ~10 labels per image
-    pos_weight = 1 + 99 * torch.rand(K, generator=gen)
-    images, captions, lens, targets, pos_weight = (t.to(device) for t in (images, captions, lens, targets, pos_weight))
-    times, engine = [], args._train_worker == 'engine'
-    before = reset_peak(device)
-    for _ in range(1 + (args.train_steps if engine or device.type == 'cuda' else 1)):  # first: burn-in
-        t0 = clock(device)
-        if engine:
-            loss = model(images, captions, lens, targets, pos_weight).loss
-        else:  # the authors' way: the same encoders, then all B x B attended vectors
-            loss = reference.train_loss(model.img_enc(images), model.txt_enc(captions, lens), lens, targets,
-                                        head=head_params(model), pos_weight=pos_weight, margin=cfg.margin,
-                                        max_violation=cfg.max_violation, label_weight=cfg.label_weight)
+    ims, caps, lens, targets, pos_weight = (t.to(device) for t in (
+        ims, pad_sequence(captions, True), torch.tensor([len(c) for c in captions]), targets,
+        1 + 99 * torch.rand(K, generator=gen)))
+    engine, before = args._train_worker == 'engine', memory_mb(device, reset=True)
+
+    def step() -> float:
+        loss = (model(ims, caps, lens, targets, pos_weight).loss if engine  # the authors' way: all B x B contexts
+                else reference.train_loss(model.img_enc(ims), model.txt_enc(caps, lens), lens, targets, model.cfg,
+                                          model.head, pos_weight))
         loss.backward()
         model.zero_grad(set_to_none=True)
-        times.append(clock(device) - t0)
-    print(json.dumps({'times': times[1:], 'peak_mb': memory_mb(device, peak=True) - before, 'loss': loss.item()}))
+        return loss.item()
+    runs = [timed(step, device) for _ in range(1 + (args.train_steps if engine or device.type == 'cuda' else 1))]
+    print(json.dumps({'times': [t for _, t in runs[1:]], 'peak_mb': memory_mb(device, peak=True) - before,
+                      'loss': runs[-1][0]}))  # the first run: burn-in
 
 
 def bench_train(argv: list, args) -> list:
@@ -224,12 +198,11 @@ def bench_train(argv: list, args) -> list:
               f"{sorted(r['times'])[len(r['times']) // 2]:.2f} s of {len(r['times'])}; peak memory "
               f"+{r['peak_mb']:.0f} MB; loss {r['loss']:.6f}")
     ref, eng = res['reference'], res['engine']
-    diff = abs(ref['loss'] - eng['loss'])
-    print(f'|loss difference|: {diff:.2e}')
+    print(f"|loss difference|: {abs(ref['loss'] - eng['loss']):.2e}")
     return [(f'train step s, B={args.batch_size} (best)', min(ref['times']), min(eng['times']),
              min(ref['times']) / min(eng['times'])),
             ('train peak memory, +MB', ref['peak_mb'], eng['peak_mb'], ref['peak_mb'] / eng['peak_mb']),
-            ('train |loss diff|', None, diff, None)]
+            ('train |loss diff|', None, abs(ref['loss'] - eng['loss']), None)]
 
 
 def main(argv=None):
@@ -238,7 +211,10 @@ def main(argv=None):
     with util.one_line_errors():
         device = util.pick_device(args.device)
         util.set_precision(args.precision)
-    pool, source = length_pool()
+    if os.path.isfile(CAPS):  # caption lengths (tokens + <start>, <end>) to draw from
+        pool, source = [len(tokenize(c)) + 2 for c in read_captions(CAPS)], 'the real Flickr30K test captions'
+    else:
+        pool, source = list(FALLBACK_LENS), f'a FIXED distribution (deciles {FALLBACK_LENS}) since {CAPS} is absent'
     if args._train_worker:
         return train_worker(args, pool, device)
     if device.type == 'cuda':
@@ -250,11 +226,10 @@ def main(argv=None):
           f'(load average {os.getloadavg()[0]:.1f}), torch {torch.__version__}, device {device}, {args.precision}')
     print(f'caption lengths from {source}: mean {sum(pool) / len(pool):.1f}, max {max(pool)}')
     torch.manual_seed(args.seed)
+    model = CASC(Config(vocab_size=VOCAB)).to(device).eval()  # Config's defaults: the paper's settings
     if args.search:
-        return bench_search(args, CASC(Config(vocab_size=VOCAB)).to(device).eval(), pool, device)
-    rows = bench_eval(args, CASC(Config(vocab_size=VOCAB)).to(device).eval(), pool, device)
-    if not args.skip_train:
-        rows += bench_train(argv, args)
+        return bench_search(args, model, pool, device)
+    rows = bench_eval(args, model, pool, device) + ([] if args.skip_train else bench_train(argv, args))
     fmt = lambda v, spec='.3g': '' if v is None else f'{v:{spec}}'  # noqa: E731
     table = [('metric', "authors' algorithm", 'engine', 'ratio')]
     table += [(m, fmt(r), fmt(e), fmt(q, '.1f') + 'x' * (q is not None)) for m, r, e, q in rows]

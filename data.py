@@ -1,12 +1,13 @@
-"""SCAN "precomp" data (spec section 1): dataset, collate, loaders, and the toy demo data.
+"""SCAN "precomp" data (spec section 1): dataset, collate, loaders, the image names file, and
+the precomp files of Karpathy's split files.
 
-    python data.py --make_toy DIR [--seed 0]
     python data.py --from_karpathy dataset_flickr30k.json --data_path DATA --data_name f30k_precomp
+    python data.py --make_toy DIR [--seed 0]
 
-The first writes ``DIR/toy_precomp/{train,dev,test,testall}_{ims.npy,caps.txt}`` (see
-``make_toy``); the second ``DATA/NAME/{split}_{caps,image_names}.txt`` from Karpathy's split
-file (see ``from_karpathy``), for your own region features in ``{split}_ims.npy``, image by image
-in the order of ``{split}_image_names.txt``.
+The first writes ``DATA/NAME/{split}_{caps,image_names}.txt`` from Karpathy's split file (see
+``from_karpathy``), for your own region features in ``{split}_ims.npy``, image by image in the
+order of ``{split}_image_names.txt`` (read back by ``read_image_names``); the second is ``python
+toy.py DIR``: the toy demo data in ``DIR/toy_precomp`` (see toy.py).
 """
 import json
 import ntpath
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import parallel
+import toy
 import util
 from labels import image_targets
 from vocab import encode, read_captions, too_long, tokenize_all
@@ -138,86 +141,30 @@ def collate_fn(batch):
     return torch.stack(images), captions, lengths, targets, torch.tensor(cap_ids), torch.tensor(img_ids)
 
 
-def _loader(dataset, batch_size, workers, shuffle, pin_memory):
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+def _loader(dataset, batch_size, workers, pin_memory, batch_sampler=None):
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
+                          persistent_workers=workers > 0, collate_fn=collate_fn)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_fn)
 
 
-def get_loaders(data_path, data_name, vocab, batch_size, workers, labels=None, pin_memory=False):
-    """-> (train loader, shuffled; val loader on the first 1,000 dev images)."""
+def get_loaders(data_path, data_name, vocab, batch_size, workers, labels=None, pin_memory=False, seed=0):
+    """-> (train loader: this process's share of each global batch of batch_size, shuffled by
+    seed and the epoch (parallel.GlobalBatchSampler; call loader.batch_sampler.set_epoch);
+    val loader on the first 1,000 dev images)."""
     train = PrecompDataset(data_path, data_name, 'train', vocab, labels)
     dev = PrecompDataset(data_path, data_name, 'dev', vocab, labels, max_images=1000)
-    return (_loader(train, batch_size, workers, True, pin_memory),
-            _loader(dev, batch_size, workers, False, pin_memory))
+    sampler = parallel.GlobalBatchSampler(len(train), batch_size, seed, parallel.rank(), parallel.world())
+    return (_loader(train, batch_size, workers, pin_memory, sampler),
+            _loader(dev, batch_size, workers, pin_memory))
 
 
 def get_test_loader(split, data_path, data_name, vocab, batch_size, workers, labels=None,
                     pin_memory=False):
     """-> loader over all of ``split`` in file order."""
     dataset = PrecompDataset(data_path, data_name, split, vocab, labels)
-    return _loader(dataset, batch_size, workers, False, pin_memory)
-
-
-# Toy world: objects with prototype features, colours with attribute features. Every region of
-# an object is prototype + colour + small noise, so "red dog" in a caption names a region.
-OBJECTS = tuple('dog cat man woman boy girl horse bird car bike bus truck boat ball kite frisbee '
-                'tree bench chair table umbrella hat shirt cup'.split())
-COLOURS = tuple('red blue green yellow white black brown orange'.split())
-PEOPLE = ('man', 'woman', 'boy', 'girl')  # coloured by their clothes: 'a man in red'
-TEMPLATES = ('{a} and {b}', 'there is {a} next to {b}', '{a} plays near {b}', 'a photo of {a} with {b}',
-             '{a} sits beside {b} on the ground', 'in this picture we see {a} and {b}', '{a} near {b}')
-TOY_SPLITS = {'train': 3000, 'dev': 300, 'test': 200, 'testall': 500}
-
-
-def _phrase(rng, obj, colour):
-    """'a red dog' / 'an orange cat' / 'a dog , colored red ,' / 'a man dressed in red' / 'a dog'."""
-    form = rng.integers(4)
-    if form == 3:
-        words = obj  # colour left out
-    elif obj in PEOPLE:
-        words = f'{obj} in {colour}' if form < 2 else f'{obj} dressed in {colour}'
-    else:
-        words = f'{colour} {obj}' if form < 2 else f'{obj} , colored {colour} ,'
-    return ('an ' if words[0] in 'aeiou' else 'a ') + words
-
-
-def _caption(rng, objs, colours):
-    """One caption naming 2+ of the image's objects, in random order, with varied case/punctuation."""
-    keep = rng.permutation(len(objs))[:rng.integers(2, len(objs) + 1)]
-    parts = [_phrase(rng, objs[j], colours[j]) for j in keep]
-    template = TEMPLATES[rng.integers(len(TEMPLATES))]
-    if len(parts) == 3:  # 'a , b and c' or 'a next to b and c'
-        parts = ([f'{parts[0]} , {parts[1]}', parts[2]] if ' and ' in template
-                 else [parts[0], f'{parts[1]} and {parts[2]}'])
-    cap = template.format(a=parts[0], b=parts[1]).replace(', ,', ',').rstrip(' ,')
-    cap = cap[0].upper() + cap[1:] if rng.random() < 0.6 else cap
-    return cap + ('', ' .', '.', '!')[rng.integers(4)]
-
-
-def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64, sizes=None) -> str:
-    """Write the toy precomp folder -> its path. Same seed, same bytes. sizes: images per split
-    (default TOY_SPLITS; tests pass smaller ones)."""
-    rng = np.random.default_rng(seed)
-    protos = np.maximum(rng.normal(size=(len(OBJECTS), img_dim)), 0) * 1.5   # (24, D)
-    attrs = np.maximum(rng.normal(size=(len(COLOURS), img_dim)), 0) * 0.8    # (8, D)
-    backgrounds = np.maximum(rng.normal(size=(4, img_dim)), 0) * 0.5         # (4, D) sky, grass, ...
-    folder = os.path.join(out_dir, 'toy_precomp')
-    os.makedirs(folder, exist_ok=True)
-    for split, n_img in (sizes or TOY_SPLITS).items():
-        ims = np.empty((n_img, regions, img_dim), np.float32)
-        caps = []
-        for i in range(n_img):
-            objs = rng.choice(len(OBJECTS), size=rng.integers(2, 4), replace=False)
-            colours = rng.integers(len(COLOURS), size=len(objs))
-            feats = [protos[o] + attrs[c] for o, c in zip(objs, colours) for _ in range(rng.integers(1, 4))]
-            feats += [backgrounds[rng.integers(4)] for _ in range(regions - len(feats))]
-            noisy = np.stack(feats)[rng.permutation(regions)] + rng.normal(0, 0.1, (regions, img_dim))
-            ims[i] = np.maximum(noisy, 0)  # non-negative, like bottom-up features
-            caps += [_caption(rng, [OBJECTS[o] for o in objs], [COLOURS[c] for c in colours]) for _ in range(5)]
-        np.save(os.path.join(folder, f'{split}_ims.npy'), ims)
-        with open(os.path.join(folder, f'{split}_caps.txt'), 'w', encoding='utf-8') as f:
-            f.write('\n'.join(caps) + '\n')
-    return folder
+    return _loader(dataset, batch_size, workers, pin_memory)
 
 
 # Karpathy's split files -> SCAN's precomp splits (COCO: 'test' is the 1K, 'testall' the 5K).
@@ -329,6 +276,58 @@ def from_karpathy(json_path: str, data_path: str, data_name: str, overwrite: boo
     return {s: len(names) for s, (names, _) in splits.items()}
 
 
+def _name_problem(name: str, root_flag: str):
+    """What is wrong with one image name on its own, or None."""
+    if not name:
+        return 'empty (one image name per line)'
+    why = ('has leading or trailing whitespace' if name != name.strip() else
+           'has a non-printable character' if not name.isprintable() else
+           f'is an absolute path, not one inside {root_flag}' if posixpath.isabs(name) or ntpath.isabs(name) else
+           f"has a '..' part: image names stay inside {root_flag}" if '..' in re.split(r'[/\\]', name) else None)
+    return why and f'{name!r} {why}'
+
+
+def check_image_names(names: list, where: str, n_images=None, root: str = None, root_flag: str = '--image_dir') -> list:
+    """The names of ``{split}_image_names.txt`` (one per image, in order) -> names, or ValueError
+    '{where}: line n ...' at the first that is empty, has surrounding whitespace or a non-printable
+    character, is absolute, has a '..' part or repeats an earlier one as a path ('./a.jpg' repeats
+    'a.jpg'); with root (the image folder), also at one that resolves outside it (a symlink) or to
+    the file of an earlier one. ValueError '{where} ...' for no names, and given n_images, for any
+    other count."""
+    if not names:
+        raise ValueError(f'{where}: no image names in it')
+    if root is not None and not os.path.isdir(root):
+        raise ValueError(f'{root_flag} {root}: no such folder')
+    real_root, seen = root and os.path.realpath(root), {}
+    for n, name in enumerate(names, 1):
+        why = _name_problem(name, root_flag)
+        if not why:  # the same image: the same path, or with root, the same file
+            key = os.path.realpath(os.path.join(real_root, name)) if root else posixpath.normpath(name)
+            if root and os.path.commonpath([real_root, key]) != real_root:
+                why = f'{name!r} resolves outside {root_flag} {real_root} (a symlink)'
+            elif key in seen:
+                why = f'{name!r} names the same image as line {seen[key]}'
+            seen[key] = seen.get(key, n)
+        if why:
+            raise ValueError(f'{where}: line {n}: {why}')
+    if n_images is not None and len(names) != n_images:
+        raise ValueError(f'{where} has {len(names):,} names but its split has {n_images:,} images')
+    return names
+
+
+def read_image_names(path: str, n_images=None, root: str = None, root_flag: str = '--image_dir') -> list:
+    """``{split}_image_names.txt`` (UTF-8, a BOM and CRLF line ends allowed, one name per line,
+    nothing stripped) -> its names, checked by ``check_image_names`` (file and line in every error)."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        text = raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{path}: line {raw[:e.start].count(10) + 1} is not UTF-8') from None
+    names = [n.removesuffix('\r') for n in text.removesuffix('\n').split('\n')] if text else []
+    return check_image_names(names, path, n_images, root, root_flag)
+
+
 def parse_args(argv=None):
     p = util.parser(__doc__)
     todo = p.add_mutually_exclusive_group(required=True)
@@ -356,11 +355,7 @@ def main(argv=None):
     with util.one_line_errors():
         if args.from_karpathy:
             return from_karpathy(args.from_karpathy, args.data_path, args.data_name, args.overwrite)
-        folder = make_toy(args.make_toy, args.seed)
-    sizes = ', '.join(f'{s} {n}' for s, n in TOY_SPLITS.items())
-    print(f'toy data written to {folder}: images per split {sizes}; 5 captions each; '
-          f'features (12 regions, 64 dims)')
-    return folder
+    return toy.main(['--seed', str(args.seed), '--', args.make_toy])
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ fi
 mkdir -p "$OUT" && touch "$MARK"
 PY=.venv/bin/python
 DATA=(--data_path "$OUT/data" --data_name toy_precomp --vocab_path "$OUT/vocab")
-$PY data.py --make_toy "$OUT/data"
+$PY toy.py "$OUT/data"
 $PY vocab.py "${DATA[@]}"
 $PY labels.py "${DATA[@]}" --num_labels 24
 # The toy features have 64 dims; small embeddings and a higher learning rate keep it to minutes.

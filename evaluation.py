@@ -2,6 +2,7 @@
 
     python evaluation.py --model_path runs/f30k/model_best.pth.tar --data_path DATA --split test
     python evaluation.py --model_path runs/coco/model_best.pth.tar --data_path DATA --split testall --fold5
+    torchrun --standalone --nproc_per_node N evaluation.py <the same flags>   (the scoring shared by N processes)
 
 Loads this project's checkpoints, the authors' release format and SCAN's (no label head), always
 with torch.load(weights_only=True).
@@ -13,45 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import parallel
+import report
 import util
 from checkpoint import load_model, model_vocab
-from data import PrecompDataset, check_img_dim, pad_captions
+from data import PrecompDataset, check_img_dim
+from encode import encode_captions, encode_images, images_slice
 from model import CASC, Config, Side
 
 BYTES_PER_CELL = 4 * 12  # float32 (pair, region, word) tensors alive at once in cross_attention
 CACHE_CELLS = 1 << 20  # (pair, region, word) cells per chunk: 4 MB tensors stay in cache, ~1.5x faster
-
-
-@torch.inference_mode()
-def encode_images(model: CASC, images, batch_size: int = 256, device='cpu') -> Side:
-    """images: an (n_img, R, img_dim) array (a memory map is read batch by batch) -> one Side."""
-    parts = []
-    for i0 in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[i0:i0 + batch_size], dtype=np.float32))  # a copy: mmaps are read-only
-        parts.append(model.encode_images(batch.to(device)))
-    return Side(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
-
-
-@torch.inference_mode()
-def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='cpu', progress: bool = False,
-                    log=None) -> list:
-    """captions: lists of word ids -> [(caption indices (n,), Side)], batches of similar length
-    (sorted longest first), so each batch is padded only to its own longest caption."""
-    order = sorted(range(len(captions)), key=lambda k: -len(captions[k]))
-    out = []
-    bar = util.progress(total=len(captions), desc='encoding captions', unit='cap', log=log, enabled=progress,
-                        leave=False)
-    for j0 in range(0, len(order), batch_size):
-        idx = order[j0:j0 + batch_size]
-        ids, lengths = pad_captions([captions[k] for k in idx])
-        out.append((torch.tensor(idx), model.encode_captions(ids.to(device), lengths.to(device))))
-        bar.update(len(idx))
-    bar.close()
-    return out
-
-
-def _images_slice(img: Side, i0: int, i1: int) -> Side:
-    return Side(*(None if t is None else t[i0:i1] for t in img))
 
 
 def plan_chunks(n_img: int, n_cap: int, R: int, L: int, cfg: Config, device, memory_gb: float) -> list:
@@ -73,20 +45,22 @@ def compute_sims(model: CASC, img: Side, caps: list, memory_gb: float = 2.0, alp
                  precision: str = 'fp32', progress: bool = True, log=None) -> Tensor:
     """Score matrix (n_img, n_cap) float32 on the CPU, chunked so that the transient tensors of
     one chunk take at most `memory_gb` whatever the split size (on the CPU, chunks are also kept
-    small enough for their (pair, region, word) tensors to stay in cache)."""
+    small enough for their (pair, region, word) tensors to stay in cache). Under torchrun each
+    process scores every world-th chunk and rank 0 gets the whole matrix (the others a part)."""
     n_img, R, _ = img.emb.shape
     n_cap = sum(len(idx) for idx, _ in caps)
-    sims = torch.empty(n_img, n_cap)
-    bar = util.progress(total=n_img * n_cap, desc='similarity', unit='pair', unit_scale=True, log=log,
-                        enabled=progress)
-    for idx, cap in caps:
-        n_c, L = cap.mask.shape
-        for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb):
-            chunk = model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
+    sims = torch.zeros(n_img, n_cap) if parallel.world() > 1 else torch.empty(n_img, n_cap)
+    work = [(idx, cap, parallel.round_robin(plan_chunks(n_img, len(idx), R, cap.mask.shape[1], model.cfg,
+                                                        img.emb.device, memory_gb))) for idx, cap in caps]
+    bar = util.progress(total=sum((i1 - i0) * len(idx) for idx, _, chunks in work for i0, i1 in chunks),
+                        desc='similarity', unit='pair', unit_scale=True, log=log, enabled=progress)
+    for idx, cap, chunks in work:
+        for i0, i1 in chunks:
+            chunk = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
             sims[i0:i1, idx] = chunk.float().cpu()
             bar.update(chunk.numel())
     bar.close()
-    return sims
+    return parallel.sum_to_main(sims, img.emb.device)
 
 
 def ranks(sims: Tensor, im_div: int) -> tuple:
@@ -165,7 +139,9 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
              cross_attn: str = None, save_sims: str = None, device: str = None, precision: str = 'fp32',
              eval_memory_gb: float = 2.0, examples: int = 0, out: str = 'examples', image_dir: str = None) -> dict:
     """SCAN's entry point: evaluate a checkpoint (or the ensemble of two) on a split, print and
-    return the metrics. Every input and output is checked before any scoring work."""
+    return the metrics. Every input and output is checked before any scoring work. Under
+    torchrun the processes share the scoring; rank 0 prints, writes and returns the metrics
+    (the others return None)."""
     if not (eval_memory_gb > 0 and np.isfinite(eval_memory_gb)):
         raise ValueError(f'--eval_memory_gb {eval_memory_gb}: expected a positive number')
     for path in _fold_paths(save_sims, 5 if fold5 else 1):  # every file written, not only FILE.npy
@@ -175,8 +151,9 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     if examples:
         util.check_writable(out, '--out', folder=True)
         util.check_writable(os.path.join(out, 'examples.html'), '--out')
-    device = util.pick_device(device)
+    device = parallel.start(util.pick_device(device))
     util.set_precision(precision)
+    main = parallel.is_main()
     overrides = {'cross_attn': cross_attn} if cross_attn else {}
     paths = [p for p in (model_path, model_path2) if p]
     models = [load_model(p, device, **overrides) for p in paths]
@@ -193,7 +170,6 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     dataset = PrecompDataset(data_path, data_name, split, vocabs[0])
     _check_folds(dataset.n_images, split, fold5)
     if examples:
-        import report
         report.image_names(dataset, image_dir)  # a bad names or boxes file fails now, not after scoring
         report.read_boxes(dataset, dataset.images.shape[1])
     n_folds = 5 if fold5 else 1
@@ -207,6 +183,8 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
             s, t = evaluate_arrays(model, images, caps, device, eval_memory_gb, alpha, precision)
             sims, secs = sims + s / len(models), secs + t
         pairs, seconds = pairs + sims.numel(), seconds + secs
+        if not main:
+            continue
         results.append(recall_metrics(sims, dataset.im_div))
         if f == 0:
             first_sims = sims  # the report shows the first fold's images
@@ -214,6 +192,8 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
             print_metrics(results[-1], f'fold {f}: ')
         if sims_path:
             write_sims(sims_path, sims, dataset.im_div)
+    if not main:
+        return None
     print(f'similarity: {pairs} pairs in {seconds:.2f} s, {pairs / seconds:.0f} pairs/s')
     metrics = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
     print_metrics(metrics, 'mean of 5 folds: ' if fold5 else '')
@@ -253,7 +233,15 @@ def parse_args(argv=None):
 def main(argv=None):
     args = vars(parse_args(argv))
     with util.one_line_errors():
-        return evalrank(args.pop('model_path'), args.pop('data_path'), args.pop('split'), args.pop('fold5'), **args)
+        try:
+            return evalrank(args.pop('model_path'), args.pop('data_path'), args.pop('split'), args.pop('fold5'),
+                            **args)
+        except (OSError, ValueError) as e:
+            message = f'rank {parallel.rank()}: {e}' if parallel.world() > 1 else str(e)
+            parallel.record_error(f'error: {message}')
+            raise ValueError(message) from None
+        finally:
+            parallel.stop()
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import util
+from data import check_image_names, read_image_names
 
 R, GRID, DIM = 36, 6, 2048  # regions = GRID x GRID cells, ResNet-152's last channels
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
@@ -38,37 +39,19 @@ MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.2
 
 def read_names(path: str, image_root: str) -> tuple:
     """{split}_image_names.txt -> (names, False); without that file, the image files directly in
-    image_root sorted by name -> (names, True). ValueError naming the line of an empty, duplicate or
-    absolute name, or one that resolves outside image_root ('..', symlinks)."""
+    image_root sorted by name -> (names, True). Either way checked as data.check_image_names does
+    inside image_root: ValueError naming the line of an empty, absolute, '..', repeated, ... name."""
     if not os.path.isdir(image_root):
         raise ValueError(f'--image_root {image_root}: no such folder')
-    root, listed = os.path.realpath(image_root), not os.path.isfile(path)
-    if listed:
-        names = sorted(n for n in os.listdir(root)
-                       if n.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(root, n)))
-    else:
-        with open(path, 'rb') as f:
-            raw = f.read()
-        try:
-            names = [n.removesuffix('\r') for n in raw.decode('utf-8-sig').removesuffix('\n').split('\n')]
-        except UnicodeDecodeError as e:
-            raise ValueError(f'{path}: line {raw[:e.start].count(10) + 1} is not UTF-8') from None
-    if names in ([], ['']):
-        raise ValueError(f'{path} lists no images' if not listed else f'--image_root {image_root} holds '
-                         f'no {"/".join(EXTENSIONS)} files (and there is no {path})')
-    seen = {}
-    for n, name in enumerate(names, 1):
-        real = os.path.realpath(os.path.join(root, name)) if name and '\0' not in name else ''
-        if not real or os.path.isabs(name):
-            why = 'is empty' if not name else 'is an absolute path' if os.path.isabs(name) else 'has a NUL character'
-        elif os.path.commonpath([root, real]) != root:
-            why = f"{name!r} resolves outside --image_root {root} ('..' or a symlink)"
-        else:
-            why = f'{name!r} repeats line {seen[real]}' if real in seen else None
-        if why:
-            raise ValueError(f'{path}: line {n} {why}' if not listed else f'--image_root {image_root}: {why}')
-        seen[real] = n
-    return names, listed
+    if os.path.isfile(path):
+        return read_image_names(path, root=image_root, root_flag='--image_root'), False
+    root = os.path.realpath(image_root)
+    names = sorted(n for n in os.listdir(root)
+                   if n.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(root, n)))
+    if not names:
+        raise ValueError(f'--image_root {image_root} holds no {"/".join(EXTENSIONS)} files (and there is no {path})')
+    return check_image_names(names, f'{path} (to be written from --image_root)', root=image_root,
+                             root_flag='--image_root'), True
 
 
 def load_rgb(path: str) -> Image.Image:

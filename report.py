@@ -20,7 +20,8 @@ import torch
 from PIL import Image, ImageOps
 
 import util
-from evaluation import encode_captions, encode_images
+from data import read_image_names
+from encode import encode_captions, encode_images
 from model import t2i_attention
 
 THUMB = 256  # px: the longer side of a thumbnail
@@ -54,38 +55,20 @@ def esc(text) -> str:
 # ---------------------------------------------------------------------------------------------
 # Where the pictures come from: checked image names, region boxes.
 
+def names_path(dataset) -> str:
+    """``{split}_image_names.txt`` beside the split's captions."""
+    return os.path.join(os.path.dirname(dataset.caps_path), f'{dataset.split}_image_names.txt')
+
+
 def image_names(dataset, image_dir) -> list:
-    """The split's image file names (``{split}_image_names.txt`` beside its captions, one per line)
-    -> list, or None without --image_dir or without that file. Raises ValueError (file, line) on a
-    non-UTF-8 or empty line, an absolute name, a name resolving outside image_dir (``..``,
-    symlinks), or fewer names than the split's images; and for an image_dir that is no folder."""
-    path = os.path.join(os.path.dirname(dataset.caps_path), f'{dataset.split}_image_names.txt')
+    """The split's image names (``names_path``, one per image) checked inside image_dir -> list,
+    or None without image_dir or without that file. ValueError (file, line) as
+    data.read_image_names: a bad line, a name outside image_dir, a count other than the split's
+    images; and for an image_dir that is no folder."""
+    path = names_path(dataset)
     if image_dir is None or not os.path.isfile(path):
         return None
-    if not os.path.isdir(image_dir):
-        raise ValueError(f'--image_dir {image_dir}: no such folder')
-    with open(path, 'rb') as f:
-        raw = f.read().split(b'\n')
-    if raw[-1] == b'':
-        raw.pop()  # the newline that ends the last line
-    names = []
-    for n, line in enumerate(raw, 1):
-        try:
-            names.append(line.removesuffix(b'\r').decode('utf-8'))
-        except UnicodeDecodeError:
-            raise ValueError(f'{path}: line {n} is not UTF-8') from None
-    if len(names) < dataset.n_images:
-        raise ValueError(f'{path} has {len(names)} names but the {dataset.split} split has '
-                         f'{dataset.n_images} images')
-    root = os.path.realpath(image_dir)
-    for n, name in enumerate(names, 1):
-        why = ('is empty' if not name else 'is an absolute path' if os.path.isabs(name) else
-               'has a NUL character' if '\0' in name else None)
-        if why:
-            raise ValueError(f'{path}: line {n} {why}: image names are relative to --image_dir')
-        if os.path.commonpath([root, os.path.realpath(os.path.join(image_dir, name))]) != root:
-            raise ValueError(f'{path}: line {n}: {name!r} resolves outside --image_dir {root}')
-    return names
+    return read_image_names(path, dataset.n_images, image_dir)
 
 
 def read_boxes(dataset, R: int):

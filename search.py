@@ -27,8 +27,9 @@ from torch import Tensor
 import report
 import util
 from checkpoint import load_model, model_vocab
-from data import PrecompDataset, check_img_dim
-from evaluation import _images_slice, encode_captions, encode_images, plan_chunks
+from data import PrecompDataset, check_image_names, check_img_dim, read_image_names
+from encode import encode_captions, encode_images, images_slice
+from evaluation import plan_chunks
 from model import CASC, Side
 from vocab import encode, too_long, tokenize
 
@@ -70,7 +71,7 @@ def top_images(model: CASC, img: Side, queries: list, k: int, alpha=None, precis
         n_c, L = cap.mask.shape
         best = None
         for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb):
-            sims = model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
+            sims = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
             best = merge_topk(best, sims.float().T, torch.arange(i0, i1, device=sims.device), k)  # (n_c, k)
             bar.update(sims.numel())
         values[idx], indices[idx] = best[0].cpu(), best[1].cpu()
@@ -90,7 +91,7 @@ def top_captions(model: CASC, img: Side, caps: list, k: int, alpha=None, precisi
     best = None
     for idx, cap in caps:
         n_c, L = cap.mask.shape
-        sims = torch.cat([model.scores(_images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
+        sims = torch.cat([model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
                           for i0, i1 in plan_chunks(n_q, n_c, R, L, model.cfg, img.emb.device, memory_gb)])
         best = merge_topk(best, sims.float(), idx.to(sims.device), k)  # (n_q, k)
         bar.update(sims.numel())
@@ -99,7 +100,7 @@ def top_captions(model: CASC, img: Side, caps: list, k: int, alpha=None, precisi
 
 
 # ---------------------------------------------------------------------------------------------
-# Queries and image names: checked, with one line naming the query, file and line at fault.
+# Queries: checked, with one line naming the query, file and line at fault.
 
 def _short(text: str, n: int = 60) -> str:
     return repr(text if len(text) <= n else text[:n - 3] + '...')
@@ -134,22 +135,6 @@ def read_queries(path: str) -> list:
     return [q for _, q in lines]
 
 
-def read_image_names(dataset: PrecompDataset) -> tuple:
-    """-> (path of {split}_image_names.txt beside the split's captions, its names or None when there
-    is no such file). ValueError naming the file (and line) for an empty line or a count other
-    than the split's images."""
-    path = os.path.join(os.path.dirname(dataset.caps_path), f'{dataset.split}_image_names.txt')
-    if not os.path.isfile(path):
-        return path, None
-    lines = read_lines(path, 'image names')
-    for n, name in lines:
-        if not name:
-            raise ValueError(f'{path}: line {n} is empty')
-    if len(lines) != dataset.n_images:
-        raise ValueError(f'{path} has {len(lines)} names but the {dataset.split} split has {dataset.n_images} images')
-    return path, [name for _, name in lines]
-
-
 # ---------------------------------------------------------------------------------------------
 # The Python API: what the command line prints with --json.
 
@@ -176,7 +161,9 @@ class Searcher:
                              f'pass --alpha 1 for the local score alone')
         check_img_dim(data_path, data_name, [split], cfg.img_dim, f'{model_path} (img_dim {cfg.img_dim})')
         self.dataset = PrecompDataset(data_path, data_name, split, self.vocab)
-        self.names_path, self.names = read_image_names(self.dataset)
+        self.names_path = report.names_path(self.dataset)  # read here once, checked as data.read_image_names
+        self.names = (read_image_names(self.names_path, self.dataset.n_images)
+                      if os.path.isfile(self.names_path) else None)
         self.score_args = dict(alpha=alpha, precision=precision, memory_gb=eval_memory_gb, progress=True)
         self._img = self._caps = self._by_name = None
 
@@ -247,10 +234,18 @@ class Searcher:
         tokens, img, cap = self._pair(query_text, image_index)
         return tokens, report.pair_attention(self.model, img, cap, self.score_args['precision'])
 
+    def page_names(self, image_dir: str = None):
+        """The split's image names checked inside image_dir (not read again) -> list, or None without
+        image_dir or names; ValueError naming the file and line of one outside it (a symlink)."""
+        if image_dir is None or self.names is None:
+            return None
+        return check_image_names(self.names, self.names_path, self.dataset.n_images, image_dir)
+
     def check_page(self, image_dir: str = None):
-        """The names file (inside image_dir) and the boxes file a page would read; ValueError naming them."""
-        if report.image_names(self.dataset, image_dir) is None and image_dir:
+        """The names (inside image_dir) and the boxes file a page would read; ValueError naming them."""
+        if image_dir and self.names is None:
             print(f'warning: --image_dir: no thumbnails, {self.names_path} does not exist', file=sys.stderr)
+        self.page_names(image_dir)
         report.read_boxes(self.dataset, self.dataset.images.shape[1])
 
     def page(self, results: list, out_dir: str, image_dir: str = None) -> str:
@@ -258,7 +253,7 @@ class Searcher:
         queries: per image its captions (and thumbnail); for the top 3, a heat map of where each word
         looks and the predicted labels. Image queries: the picture and its captions, correct or wrong."""
         ds, R = self.dataset, self.dataset.images.shape[1]
-        pics = report.Pictures(out_dir, report.image_names(ds, image_dir), image_dir, report.read_boxes(ds, R), R)
+        pics = report.Pictures(out_dir, self.page_names(image_dir), image_dir, report.read_boxes(ds, R), R)
         captions = lambda i: ds.raw_captions[i * ds.im_div:(i + 1) * ds.im_div]  # noqa: E731
         body = []
         for q, res in enumerate(results):
@@ -289,14 +284,11 @@ class Searcher:
             raise ValueError(f'--image {_short(text)}: not an image index (0..{n - 1}), and the {split} split has '
                              f'no image names to look it up in ({self.names_path} does not exist)')
         if self._by_name is None:
-            self._by_name = {}
-            for i, name in enumerate(self.names):
-                self._by_name.setdefault(name, []).append(i)
-        found = self._by_name.get(text, [])
-        if len(found) != 1:
-            why = 'no image of that name' if not found else f'the name of images {found[0]} and {found[1]}'
-            raise ValueError(f'--image {_short(text)}: {why} in {self.names_path} (image indices: 0..{n - 1})')
-        return found[0]
+            self._by_name = {name: i for i, name in enumerate(self.names)}  # unique (read_image_names)
+        if text not in self._by_name:
+            raise ValueError(f'--image {_short(text)}: no image of that name in {self.names_path} '
+                             f'(image indices: 0..{n - 1})')
+        return self._by_name[text]
 
 
 def _check_k(k) -> int:

@@ -2,6 +2,10 @@
 
     python train.py --data_path DATA --data_name f30k_precomp --vocab_path vocab \\
         --logger_name runs/f30k/log --model_name runs/f30k
+    torchrun --standalone --nproc_per_node N train.py <the same flags>   (N GPUs or CPU processes)
+
+With torchrun, --batch_size stays the global batch and the loss is the single-process loss of it
+(parallel.py says how); only rank 0 writes checkpoints, logs and progress.
 
 A run holds --model_name and --logger_name while it runs, and never replaces an earlier run's
 checkpoints or logs there unless --resume (continue it) or --overwrite (replace it) says so.
@@ -22,6 +26,7 @@ import checkpoint
 import data
 import evaluation
 import labels as labels_lib
+import parallel
 import util
 from model import CASC, Config
 from vocab import deserialize_vocab
@@ -116,9 +121,11 @@ def set_lr(opts, epoch, args):
 
 
 def validate(model, val_set, args, device, writer, step):
+    """-> rsum on the validation set (every process scores its share; rank 0 logs)."""
     sims, seconds = evaluation.evaluate_arrays(model, val_set.images, val_set.captions, device,
-                                               args.eval_memory_gb, args.alpha, args.precision, log=log.info)
-    metrics = evaluation.recall_metrics(sims, val_set.im_div)
+                                               args.eval_memory_gb, args.alpha, args.precision,
+                                               progress=parallel.is_main(), log=log.info)
+    metrics = parallel.broadcast(evaluation.recall_metrics(sims, val_set.im_div) if parallel.is_main() else None)
     log.info('validation (%.1f s): %s', seconds, ' '.join(f'{k} {v:.1f}' for k, v in metrics.items()))
     for k, v in metrics.items():
         writer.add_scalar(f'val/{k}', v, step)
@@ -137,12 +144,13 @@ def train_one_epoch(model, opts, loader, pos_weight, args, state, writer, on_val
     model.train()
     device = pos_weight.device if pos_weight is not None else next(model.parameters()).device
     groups = [[p for g in opt.param_groups for p in g['params']] for opt in opts]
-    bar = util.progress(loader, desc=f'epoch {state["epoch"]}', unit='batch', log=log.info)
+    bar = util.progress(loader, desc=f'epoch {state["epoch"]}', unit='batch', log=log.info, enabled=parallel.is_main())
     for images, captions, lengths, targets, _, _ in bar:
         t0 = time.perf_counter()
         images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
         targets = None if targets is None else targets.to(device, non_blocking=True)
-        out = model(images, captions, lengths, targets, pos_weight)
+        gather = parallel.Gather(len(images), device) if parallel.world() > 1 else None
+        out = model(images, captions, lengths, targets, pos_weight, gather)
         if not math.isfinite(out.loss.item()):
             raise FloatingPointError(f'non-finite loss at iteration {state["Eiters"] + 1} (epoch '
                                      f'{state["epoch"]}); stopped, the last good checkpoint in '
@@ -150,12 +158,13 @@ def train_one_epoch(model, opts, loader, pos_weight, args, state, writer, on_val
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        parallel.average_gradients([p for params in groups for p in params])
         for opt, params in zip(opts, groups):
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
         state['Eiters'] += 1
         stats = {k: getattr(out, k).item() for k in ('loss', 'hinge', 'label_loss') if getattr(out, k) is not None}
-        stats['pairs_per_s'] = len(images) / (time.perf_counter() - t0)
+        stats['pairs_per_s'] = (gather.total if gather else len(images)) / (time.perf_counter() - t0)
         if out.logits_img is not None:
             stats['label_precision'], stats['label_recall'] = label_stats(out.logits_img, out.targets)
         bar.set_postfix(loss=f'{stats["loss"]:.3f}', pairs_s=f'{stats["pairs_per_s"]:.0f}')
@@ -228,8 +237,9 @@ def run(args, saved: list):
     `saved` receives the path of every checkpoint this run writes, before writing it (for the
     Ctrl-C message: writes are atomic, so the ones that exist are complete)."""
     from torch.utils.tensorboard import SummaryWriter
-    device = util.pick_device(args.device)
+    device = parallel.start(util.pick_device(args.device))  # under torchrun: this process's device
     util.set_precision(args.precision)
+    main = parallel.is_main()
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     vocab, label_words, pos_weight = load_vocab_and_labels(args)
     cfg = Config.from_opt(vars(args), vocab_size=len(vocab))
@@ -238,12 +248,19 @@ def run(args, saved: list):
         checkpoint.check_resume(ckpt, args.resume, cfg, vocab, vocab_file(args), label_words)
     data.check_img_dim(args.data_path, args.data_name, ('train', 'dev'), args.img_dim)
     with contextlib.ExitStack() as held:
+        if not main:  # only rank 0 holds the folders and writes to them
+            train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
+                                                        args.workers, label_words or None, device.type == 'cuda',
+                                                        args.seed)
+            return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader,
+                       _NoWriter(), saved)
         for folder, flag in ((args.model_name, '--model_name'), (args.logger_name, '--logger_name')):
             if flag == '--model_name' or os.path.realpath(folder) != os.path.realpath(args.model_name):
                 held.enter_context(util.FolderLock(folder, flag))
         stale = check_earlier_run(args, ckpt['epoch'] if ckpt else 0)
         train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
-                                                    args.workers, label_words or None, device.type == 'cuda')
+                                                    args.workers, label_words or None, device.type == 'cuda',
+                                                    args.seed)
         for path in stale:  # only now: a run that fails to start leaves the earlier one as it was
             os.remove(path)
         # A run killed while writing a checkpoint (SIGKILL, power loss) leaves its temporary file;
@@ -264,6 +281,16 @@ def run(args, saved: list):
                        writer, saved)
 
 
+class _NoWriter:
+    """The TensorBoard writer of the processes other than rank 0: they write nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader, writer, saved):
     """Train from the start or from `ckpt` to --num_epochs, validating and saving every epoch."""
     model = CASC(cfg).to(device)
@@ -275,21 +302,26 @@ def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, v
             opt.load_state_dict(opt_state)
         state.update(epoch=ckpt['epoch'], Eiters=ckpt['Eiters'], best_rsum=ckpt['best_rsum'])
         log.info('resumed from %s at epoch %d, iteration %d', args.resume, state['epoch'], state['Eiters'])
+    parallel.same_weights(model)
     pos_weight = None if pos_weight is None else pos_weight.to(device)
     log.info('%s on %s: %d training pairs, %d parameters', cfg, device, len(train_loader.dataset),
              sum(p.numel() for p in model.parameters()))
+    if parallel.world() > 1:
+        log.info('%d processes (%s): each takes %d pairs of every global batch of %d', parallel.world(),
+                 torch.distributed.get_backend(), args.batch_size // parallel.world(), args.batch_size)
     best_path = os.path.join(args.model_name, 'model_best.pth.tar')
 
     def checkpoint_state(epoch_done):
         return {'model': model.state_dict(), 'optimizers': [o.state_dict() for o in opts],
                 'epoch': state['epoch'] + epoch_done, 'Eiters': state['Eiters'], 'best_rsum': state['best_rsum'],
-                'opt': vars(args), 'vocab': vocab.words(), 'vocab_size': len(vocab), 'labels': list(label_words)}
+                'opt': vars(args), 'vocab': vocab.words(), 'vocab_size': len(vocab), 'labels': list(label_words),
+                'world_size': parallel.world()}
 
     def validate_and_keep_best(epoch_done=0):
         rsum = validate(model, val_loader.dataset, args, device, writer, state['Eiters'])
         is_best = rsum > state['best_rsum']
         state['best_rsum'] = max(rsum, state['best_rsum'])
-        if is_best and not epoch_done:
+        if is_best and not epoch_done and parallel.is_main():
             saved.append(best_path)
             checkpoint.save(checkpoint_state(0), best_path)
         return is_best
@@ -298,13 +330,15 @@ def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, v
         state['epoch'] = epoch
         for k, lr in zip(('lr/encoders', 'lr/label_head'), set_lr(opts, epoch, args)):
             writer.add_scalar(k, lr, state['Eiters'])
-        torch.manual_seed(args.seed + epoch)  # the shuffle of epoch e is the same in a resumed run
+        torch.manual_seed(args.seed + epoch)  # seeds the loader workers; the same in a resumed run
+        train_loader.batch_sampler.set_epoch(epoch)  # the shuffle: a function of --seed and the epoch
         train_one_epoch(model, opts, train_loader, pos_weight, args, state, writer, validate_and_keep_best)
         is_best = validate_and_keep_best(epoch_done=1)
-        path = os.path.join(args.model_name, f'checkpoint_{epoch}.pth.tar')
-        saved.append(path)  # before writing: a Ctrl-C just after the write still names it
-        checkpoint.save(checkpoint_state(1), path, best_path if is_best else None)
-        log.info('epoch %d done: %s%s', epoch, path, ' (best)' if is_best else '')
+        if parallel.is_main():
+            path = os.path.join(args.model_name, f'checkpoint_{epoch}.pth.tar')
+            saved.append(path)  # before writing: a Ctrl-C just after the write still names it
+            checkpoint.save(checkpoint_state(1), path, best_path if is_best else None)
+            log.info('epoch %d done: %s%s', epoch, path, ' (best)' if is_best else '')
     writer.close()
     return state
 
@@ -314,6 +348,8 @@ def main(argv=None):
     saved = []  # checkpoints this run writes (or began to write: the complete ones exist)
 
     def interrupted():
+        if not parallel.is_main():
+            return f'interrupted (rank {parallel.rank()})'
         done = [p for p in saved if os.path.exists(p)]
         last = next((p for p in reversed(done) if os.path.basename(p).startswith('checkpoint_')), None)
         msg = (f'interrupted: the last checkpoint is {last}; continue with --resume {last}' if last else
@@ -327,7 +363,11 @@ def main(argv=None):
             state = run(args, saved)
         except (OSError, ValueError, FloatingPointError) as e:
             close_logging(f'error: {e}')
-            raise ValueError(str(e)) from None
+            message = f'rank {parallel.rank()}: {e}' if parallel.world() > 1 else str(e)
+            parallel.record_error(f'error: {message}')
+            raise ValueError(message) from None
+        finally:
+            parallel.stop()
         close_logging()
         return state
 

@@ -106,8 +106,9 @@ def progress_seconds() -> float:
 def progress(iterable=None, *, total=None, desc='', unit='it', unit_scale=False, log=None,
              enabled: bool = True, leave: bool = True):
     """A progress bar (tqdm) when stderr is a terminal (leave=False: erased when done), else a
-    LogProgress that writes through `log` (default: stderr). enabled=False: neither (the object
-    still counts)."""
+    LogProgress that writes through `log` (default: stderr). enabled=False, or a process other
+    than rank 0 under torchrun: neither (the object still counts)."""
+    enabled = enabled and os.environ.get('RANK', '0') == '0'
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,

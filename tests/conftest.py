@@ -1,22 +1,114 @@
-"""Shared fixtures. ``../shared`` (real captions, SCAN's vocab) exists in CI; in a user's clone
-the tests that need it skip with a reason. The NLTK data the labels need ship in vocab/nltk_data,
-so no test depends on NLTK_DATA or the network."""
+"""Shared fixtures and helpers. ``../shared`` (real captions, SCAN's vocab) exists in CI; in a
+user's clone the tests that need it skip with a reason. The NLTK data the labels need ship in
+vocab/nltk_data, so no test depends on NLTK_DATA or the network.
+
+- tiny(): random normalized regions and padded words with a label head, for the engine's unit tests;
+- toy (session): toy data with its vocabulary and 20 labels; toy_model (session): the one toy
+  model, trained once per pytest run on it, which the evaluation and training tests share.
+"""
+import contextlib
+import io
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 sys.path.insert(0, ROOT)
+# The project's modules are imported where they are used: one broken module fails its tests, not all.
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: end-to-end tests (real captions, toy training); CI runs them')
+
+
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    """Every model in the tests is tiny: one thread is faster than several, and many times faster
+    on a busy 2-core machine, where OpenMP threads spin waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shared_path(*parts):
+    """Path under ../shared, or skip the test (a user's clone has no ../shared)."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f'{path} not present (it exists in CI, not in a user clone)')
+    return path
+
+
+# ---------------------------------------------------------------- tiny(): the engine's unit inputs
+
+N_IMG, N_CAP, R, L, D, K, H = 3, 5, 4, 6, 8, 5, 7  # all distinct, so a swapped axis fails
+LENS = torch.tensor([6, 2, 4, 1, 5])  # captions of different lengths, one full, one of a single word
+
+
+def tiny(seed: int = 0, dtype=torch.float64) -> tuple:
+    """-> img (N_IMG, R, D) l2-normalized regions, cap (N_CAP, L, D) l2-normalized words, zero past
+    LENS, mask (N_CAP, L) True on real words, and a LabelHead (D -> H -> K) of random weights."""
+    import model
+    g = torch.Generator().manual_seed(seed)
+    img = model.l2norm(torch.randn(N_IMG, R, D, generator=g, dtype=dtype))
+    cap = model.l2norm(torch.randn(N_CAP, L, D, generator=g, dtype=dtype))
+    mask = torch.arange(L) < LENS[:, None]
+    cap = cap * mask[..., None]
+    head = model.LabelHead(D, H, K).to(dtype)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5, generator=g)
+    return img, cap, mask, head
+
+
+# ---------------------------------------------------------------- the toy world and the toy model
+
+TOY_SIZES = {'train': 400, 'dev': 60, 'test': 40, 'testall': 50}  # images per split, 5 captions each
+# train.py flags of every toy model: 400 images x 5 captions / batch 100 = 20 iterations an epoch
+SMALL = ['--img_dim', '64', '--embed_size', '32', '--word_dim', '16', '--num_labels', '20',
+         '--label_hidden', '16', '--batch_size', '100', '--workers', '0', '--log_step', '5', '--device', 'cpu']
+
+
+@pytest.fixture(scope='session')
+def toy(tmp_path_factory):
+    """Toy data (TOY_SIZES), its vocabulary and 20 labels -> namespace: root (a folder for runs),
+    data, vocab_path, common (the --data_path, --data_name, --vocab_path flags)."""
+    import labels
+    import toy as toy_lib
+    import vocab
+    root = tmp_path_factory.mktemp('toy')
+    data, vocab_path = root / 'data', root / 'vocab'
+    toy_lib.make_toy(str(data), sizes=TOY_SIZES)
+    common = ['--data_path', str(data), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        vocab.main(common)
+        labels.main(common + ['--num_labels', '20'])
+    return SimpleNamespace(root=root, data=str(data), vocab_path=str(vocab_path), common=common)
+
+
+def train_argv(toy, out, *extra) -> list:
+    """train.py's argv on the toy data with the SMALL model, checkpoints in out, logs in out/log."""
+    return [*toy.common, *SMALL, '--logger_name', str(out / 'log'), '--model_name', str(out), *map(str, extra)]
+
+
+@pytest.fixture(scope='session')
+def toy_model(toy):
+    """The toy model, trained once per run: one epoch of train.py with the SMALL flags but batches of
+    50 (40 iterations, seed 0; a third of batch 100's time), validated once -> the folder of that run
+    (checkpoint_0.pth.tar, model_best.pth.tar, log/). Tests read it, or copy it before changing it."""
+    import train
+    out = toy.root / 'model'
+    train.main(train_argv(toy, out, '--batch_size', 50, '--num_epochs', 1, '--val_step', 1000))
+    return out
 
 
 def train_tiny(data_path, vocab_path, out, num_labels: int = 10) -> str:
     """vocab.py, labels.py and one epoch of a tiny train.py on the toy_precomp folder under
-    data_path (64-dim features), quietly -> the checkpoint's path (out/checkpoint_0.pth.tar)."""
-    import contextlib
-    import io
-
+    data_path (64-dim features), quietly -> the checkpoint's path (out/checkpoint_0.pth.tar).
+    (For test_search.py and test_cli_safety.py, whose toy splits differ from TOY_SIZES.)"""
     import labels
     import train
     import vocab
@@ -29,15 +121,3 @@ def train_tiny(data_path, vocab_path, out, num_labels: int = 10) -> str:
                              '--workers', '0', '--val_step', '100000', '--log_step', '1000',
                              '--logger_name', str(out / 'log'), '--model_name', str(out), '--device', 'cpu'])
     return str(out / 'checkpoint_0.pth.tar')
-
-
-def shared_path(*parts):
-    """Path under ../shared, or skip the test (a user's clone has no ../shared)."""
-    path = os.path.join(SHARED, *parts)
-    if not os.path.exists(path):
-        pytest.skip(f'{path} not present (it exists in CI, not in a user clone)')
-    return path
-
-
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: end-to-end tests (real captions, toy training); CI runs them')

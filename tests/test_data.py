@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import toy as toy_lib
 from conftest import shared_path
 from labels import image_targets
 from vocab import Vocabulary, build_vocab, encode, tokenize
@@ -201,14 +202,14 @@ def toy(tmp_path_factory):
 
 
 def test_toy_data_shapes_and_captions_name_the_objects(toy):
-    for split, n_img in data.TOY_SPLITS.items():
+    for split, n_img in toy_lib.TOY_SPLITS.items():
         ims = np.load(os.path.join(toy, f'{split}_ims.npy'))
         assert ims.shape == (n_img, 12, 64) and ims.dtype == np.float32 and ims.min() >= 0
         assert np.isfinite(ims).all()
         with open(os.path.join(toy, f'{split}_caps.txt'), encoding='utf-8') as f:
             caps = f.read().splitlines()
         assert len(caps) == 5 * n_img and all(caps)
-    objects = set(data.OBJECTS)
+    objects = set(toy_lib.OBJECTS)
     named = [{t for t in tokenize(c) if t in objects} for c in caps]
     assert all(len(n) >= 2 for n in named)  # every caption names 2 or 3 objects
     per_image = [set.union(*named[i:i + 5]) for i in range(0, len(caps), 5)]
@@ -220,16 +221,14 @@ def test_toy_data_shapes_and_captions_name_the_objects(toy):
 def test_toy_data_loads_with_vocab_and_labels(toy):
     path, name = os.path.split(toy)
     vocab = build_vocab(path, name, splits=('test',))
-    assert all(vocab(w) != vocab('<unk>') for w in data.OBJECTS + data.COLOURS)
-    ds = data.PrecompDataset(path, name, 'test', vocab, list(data.OBJECTS))
+    assert all(vocab(w) != vocab('<unk>') for w in toy_lib.OBJECTS + toy_lib.COLOURS)
+    ds = data.PrecompDataset(path, name, 'test', vocab, list(toy_lib.OBJECTS))
     assert ds.targets.sum(1).min() >= 2 and ds.targets.sum(1).max() <= 3
 
 
-def test_toy_generator_is_deterministic_by_seed(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, 'TOY_SPLITS', {'train': 20, 'test': 5})
-
+def test_toy_generator_is_deterministic_by_seed(tmp_path):
     def files(out, seed):
-        folder = data.make_toy(str(tmp_path / out), seed)
+        folder = toy_lib.make_toy(str(tmp_path / out), seed, sizes={'train': 20, 'test': 5})
         return {f: open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))}
 
     a = files('a', 0)
@@ -239,6 +238,10 @@ def test_toy_generator_is_deterministic_by_seed(tmp_path, monkeypatch):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    (tmp_path / 'file').write_text('')
-    with pytest.raises(SystemExit, match=r'^error: .*file'):
+    (tmp_path / 'file').write_text('')  # a file where --make_toy needs a folder
+    with pytest.raises(SystemExit) as e:
         data.main(['--make_toy', str(tmp_path / 'file' / 'sub')])
+    msg = e.value.code  # what sys.exit prints to stderr, exit status 1
+    assert isinstance(msg, str) and msg.startswith('error: ') and str(tmp_path / 'file') in msg, msg
+    assert '\n' not in msg, msg  # one line: no traceback, no second line
+    assert capsys.readouterr().err == ''  # and nothing else was printed

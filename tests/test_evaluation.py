@@ -1,9 +1,10 @@
 """evaluation.py and report.py: ranks and recalls on hand-built scores, chunked scoring, parity
-with the authors' loop, and the CLI end to end on checkpoints trained on toy data (--save_sims,
+with the authors' loop, and the CLI end to end on the toy model of conftest.py (--save_sims,
 --fold5, ensembles, --alpha/--cross_attn, the authors' and SCAN's checkpoint formats, clear
 errors, the retrieval-examples report)."""
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -19,16 +20,15 @@ from PIL import Image
 import data
 import evaluation
 import labels as labels_lib
+import model as model_lib
 import reference as ref
 import report
-import train
 import vocab as vocab_lib
 from test_report import check_page, write_image
 
 from evaluation import compute_sims, encode_captions, encode_images, load_model, ranks, recall_metrics
 from model import cross_attention
 
-SIZES = {'train': 200, 'dev': 50, 'test': 40, 'testall': 50}
 N_TEST_PAIRS = 40 * 200  # test split: 40 images x 5 captions each
 KEYS = [f'{d}_{m}' for d in ('i2t', 't2i') for m in ('r1', 'r5', 'r10', 'medr', 'meanr')] + ['rsum']
 SIM_LINE = re.compile(r'similarity: (\d+) pairs in ([0-9.]+) s, (\d+) pairs/s')
@@ -118,43 +118,28 @@ def test_ties_between_true_captions_do_not_hurt_but_a_tie_with_a_wrong_one_does(
 
 # ---------------------------------------------------------------- toy world: data, vocab, checkpoints
 
-def _train_argv(data_path, vocab_path, out, *extra):
-    return ['--data_path', str(data_path), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path),
-            '--num_epochs', '1', '--img_dim', '64', '--embed_size', '32', '--word_dim', '16',
-            '--num_labels', '20', '--label_hidden', '16', '--batch_size', '32', '--workers', '0',
-            '--val_step', '100000', '--log_step', '1000', '--logger_name', str(out / 'log'),
-            '--model_name', str(out), '--device', 'cpu', *extra]
-
-
-def _subset(src, dst, n_img):
-    """dst/toy_precomp with the first n_img train and dev images of src (same vocabulary)."""
-    os.makedirs(dst / 'toy_precomp')
-    for split in ('train', 'dev'):
-        np.save(dst / 'toy_precomp' / f'{split}_ims.npy', np.load(src / 'toy_precomp' / f'{split}_ims.npy')[:n_img])
-        lines = (src / 'toy_precomp' / f'{split}_caps.txt').read_text(encoding='utf-8').splitlines()
-        (dst / 'toy_precomp' / f'{split}_caps.txt').write_text('\n'.join(lines[:5 * n_img]) + '\n', encoding='utf-8')
-
-
 @pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    """Toy data (40 test images), its vocab and 20 labels, and checkpoints: A (seed 0, the full
-    200-image train split), B (seed 1) and W (--precomp_enc_type weight_norm), the last two
-    trained on the first 20 images only, to stay fast."""
+def world(toy, toy_model, tmp_path_factory):
+    """The toy data (conftest: 40 test images, 50 testall), its vocab and 20 labels, and three
+    checkpoints: A, the toy model (conftest's, trained once per run); B, another model of the same
+    vocabulary (A's weights, each scaled by 1 + 0.2 N(0, 1)), for ensembles; W, A with a fresh
+    weight-normalized image encoder (--precomp_enc_type weight_norm). B and W need no training."""
     root = tmp_path_factory.mktemp('eval')
-    data_path, vocab_path = root / 'data', root / 'vocab'
-    data.make_toy(str(data_path), sizes=SIZES)
-    common = ['--data_path', str(data_path), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path)]
-    vocab_lib.main(common)
-    labels_lib.main(common + ['--num_labels', '20'])
-    train.main(_train_argv(data_path, vocab_path, root / 'A'))
-    _subset(data_path, root / 'small', 20)
-    train.main(_train_argv(root / 'small', vocab_path, root / 'B', '--seed', '1'))
-    train.main(_train_argv(root / 'small', vocab_path, root / 'W', '--seed', '2', '--precomp_enc_type', 'weight_norm'))
-    vocab = vocab_lib.deserialize_vocab(str(vocab_path / 'toy_precomp_vocab.json'))
-    return SimpleNamespace(root=root, data=str(data_path), vocab_path=str(vocab_path), vocab=vocab,
-                           a=str(root / 'A' / 'checkpoint_0.pth.tar'), b=str(root / 'B' / 'checkpoint_0.pth.tar'),
-                           w=str(root / 'W' / 'checkpoint_0.pth.tar'),
-                           labels=labels_lib.load_labels(str(vocab_path / 'toy_precomp_labels.json'))['labels'])
+    a = str(toy_model / 'checkpoint_0.pth.tar')
+    ckpt = torch.load(a, map_location='cpu', weights_only=True)
+    g = torch.Generator().manual_seed(1)
+    noisy = {k: v * (1 + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)) if v.is_floating_point() else v
+             for k, v in ckpt['model'].items()}
+    torch.save({**ckpt, 'model': noisy}, root / 'B.pth.tar')
+    torch.manual_seed(2)
+    img_enc = model_lib.EncoderImage(64, 32, 'weight_norm')  # --img_dim 64 --embed_size 32
+    state = {k: v for k, v in ckpt['model'].items() if not k.startswith('img_enc.')}
+    state.update({f'img_enc.{k}': v for k, v in img_enc.state_dict().items()})
+    torch.save({**ckpt, 'model': state, 'opt': {**ckpt['opt'], 'precomp_enc_type': 'weight_norm'}}, root / 'W.pth.tar')
+    vocab = vocab_lib.deserialize_vocab(os.path.join(toy.vocab_path, 'toy_precomp_vocab.json'))
+    return SimpleNamespace(data=toy.data, vocab_path=toy.vocab_path, vocab=vocab, a=a, b=str(root / 'B.pth.tar'),
+                           w=str(root / 'W.pth.tar'),
+                           labels=labels_lib.load_labels(os.path.join(toy.vocab_path, 'toy_precomp_labels.json'))['labels'])
 
 
 def run_eval(world, ckpt, *args, vocab_path=True):
@@ -199,9 +184,9 @@ def encoded(world):
     return SimpleNamespace(model=model, ds=ds, img=encode_images(model, ds.images))
 
 
-def local_scores_loop(model, ds, imgs, caps, **kw):
-    """The authors' loop (tests/reference.py) on the model's own encoder outputs."""
-    cfg = model.cfg
+def local_scores_loop(model, ds, imgs, caps, **overrides):
+    """The authors' loop (reference.py) on the model's own encoder outputs, with the model's
+    Config but for `overrides` (e.g. cross_attn)."""
     lens = torch.tensor([len(ds.captions[k]) for k in caps])
     ids = torch.zeros(len(caps), int(lens.max()), dtype=torch.long)
     for row, k in enumerate(caps):
@@ -209,12 +194,7 @@ def local_scores_loop(model, ds, imgs, caps, **kw):
     with torch.no_grad():
         img_emb = model.img_enc(torch.from_numpy(np.array(ds.images[imgs], dtype=np.float32)))
         cap_emb = model.txt_enc(ids, lens)
-        head = model.head
-        return ref.casc_scores(img_emb, cap_emb, lens, head=(head.fc1.weight, head.fc1.bias, head.fc2.weight,
-                                                             head.fc2.bias),
-                               raw_feature_norm=cfg.raw_feature_norm, lambda_softmax_avg=cfg.lambda_softmax_avg,
-                               lambda_softmax_lse=cfg.lambda_softmax_lse, t2i_agg=cfg.t2i_agg_func,
-                               i2t_agg=cfg.i2t_agg_func, lambda_lse=cfg.lambda_lse, **kw)
+        return ref.casc_scores(img_emb, cap_emb, lens, dataclasses.replace(model.cfg, **overrides), model.head)
 
 
 IMGS, CAPS = [0, 7, 23, 39], [0, 3, 17, 36, 120, 199]
@@ -235,7 +215,7 @@ def test_main_returns_every_metric_and_prints_the_pair_rate(base):
 
 
 def test_scores_equal_the_authors_loop_on_the_encoded_toy_test_split(encoded, base):
-    slow = local_scores_loop(encoded.model, encoded.ds, IMGS, CAPS, alpha=0.8)
+    slow = local_scores_loop(encoded.model, encoded.ds, IMGS, CAPS)
     assert base.sims.dtype == np.float32
     np.testing.assert_allclose(base.sims[np.ix_(IMGS, CAPS)], slow['s'].numpy(), rtol=0, atol=1e-5)
 
@@ -323,7 +303,7 @@ def test_fold5_is_the_mean_of_five_directly_scored_blocks(world, encoded, tmp_pa
 def test_alpha_and_cross_attn_select_the_score(world, encoded, base, local_a, tmp_path):
     fused, local = base.sims, local_a
     assert not np.allclose(local, fused, atol=1e-4)
-    slow = local_scores_loop(encoded.model, encoded.ds, IMGS, CAPS, alpha=0.8)
+    slow = local_scores_loop(encoded.model, encoded.ds, IMGS, CAPS)
     np.testing.assert_allclose(local[np.ix_(IMGS, CAPS)], slow['s_loc'].numpy(), rtol=0, atol=1e-5)
     # sims = alpha * local + (1 - alpha) * label: the label term is (fused - 0.8 local) / 0.2
     label = (fused - 0.8 * local) / 0.2
@@ -340,7 +320,7 @@ def test_alpha_and_cross_attn_select_the_score(world, encoded, base, local_a, tm
         _, one_way = eval_sims(world, tmp_path, world.a, '--cross_attn', direction, name=f'{direction}.npy')
         assert not np.allclose(one_way, fused, atol=1e-4)
         # the label term pairs t2i's u_img with i2t's u_txt whatever the local direction
-        slow_dir = local_scores_loop(encoded.model, encoded.ds, IMGS, CAPS, alpha=0.8, cross_attn=direction)
+        slow_dir = local_scores_loop(encoded.model, encoded.ds, IMGS, CAPS, cross_attn=direction)
         np.testing.assert_allclose(one_way[np.ix_(IMGS, CAPS)], slow_dir['s'].numpy(), rtol=0, atol=1e-5)
         _, one_way_local[direction] = eval_sims(world, tmp_path, world.a, '--cross_attn', direction,
                                                 '--alpha', '1', name=f'{direction}_a1.npy')

@@ -113,13 +113,15 @@ def test_every_kind_of_image_becomes_rgb_upright(tmp_path):
     assert abs(cmyk - picture(40, 52, 1)).mean() < 10  # CMYK back to the RGB it was made from
 
 
-@pytest.mark.parametrize('lines, line, why', [
-    (['a.jpg', '', 'b.jpg'], 2, 'is empty'),
-    (['a.jpg', 'b.jpg', './a.jpg'], 3, 'repeats line 1'),
-    (['a.jpg', '../outside.jpg'], 2, 'resolves outside'),
-    (['a.jpg', 'b.jpg', 'sub/../../images/b.jpg'], 3, 'repeats line 2'),
-    (['/etc/hostname'], 1, 'is an absolute path'),
-    (['a.jpg', 'link.jpg'], 2, 'resolves outside'),
+@pytest.mark.parametrize('lines, line, why', [  # data.read_image_names's rules, inside --image_root
+    (['a.jpg', '', 'b.jpg'], 2, 'empty'),
+    (['a.jpg', 'b.jpg', './a.jpg'], 3, "'./a.jpg' names the same image as line 1"),
+    (['a.jpg', 'b.jpg', 'a.jpg'], 3, "'a.jpg' names the same image as line 1"),
+    (['a.jpg', '../outside.jpg'], 2, "'../outside.jpg' has a '..' part: image names stay inside --image_root"),
+    (['a.jpg', 'b.jpg', 'sub/../../images/b.jpg'], 3, "'..' part"),
+    (['/etc/hostname'], 1, "'/etc/hostname' is an absolute path, not one inside --image_root"),
+    (['a.jpg', 'b.jpg '], 2, "'b.jpg ' has leading or trailing whitespace"),
+    (['a.jpg', 'link.jpg'], 2, "'link.jpg' resolves outside --image_root"),
 ])
 def test_names_file_errors_name_the_line(tmp_path, lines, line, why):
     images = tmp_path / 'images'
@@ -131,7 +133,7 @@ def test_names_file_errors_name_the_line(tmp_path, lines, line, why):
     (tmp_path / 'data' / 'n').mkdir(parents=True)
     (tmp_path / 'data' / 'n' / 'test_image_names.txt').write_text('\n'.join(lines) + '\n')
     message = refused(argv(tmp_path / 'data', 'n', images))
-    assert f'test_image_names.txt: line {line} ' in message and why in message
+    assert f'test_image_names.txt: line {line}: ' in message and why in message
     assert sorted(os.listdir(tmp_path / 'data' / 'n')) == ['test_image_names.txt']  # nothing written
     if 'link.jpg' in lines:  # listing the folder finds the same link
         os.remove(tmp_path / 'data' / 'n' / 'test_image_names.txt')

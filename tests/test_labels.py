@@ -21,6 +21,7 @@ def real(tmp_path_factory):
     return LB.build_labels(str(root), 'f30k', num_labels=500), tokens
 
 
+@pytest.mark.slow
 def test_labels_are_the_most_frequent_non_stop_word_nouns(real):
     import nltk
     LB.use_shipped_nltk()
@@ -37,6 +38,7 @@ def test_labels_are_the_most_frequent_non_stop_word_nouns(real):
     assert d['splits'] == ['train', 'dev'] and d['num_images'] == 1014 and len(d['pos_weight']) == 500
 
 
+@pytest.mark.slow
 def test_pos_weight_of_real_labels_counts_training_images(real):
     d, tokens = real
     caps = tokens['train']

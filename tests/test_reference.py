@@ -1,31 +1,26 @@
-"""The reference loop is the yardstick for the fast engine, so it is checked here against a
-per-pair, per-word scalar computation in plain Python floats written from the spec formulas
-(sections 4-6, 8b), not from reference.py."""
+"""The reference loop (reference.py) is the yardstick for the fast engine, so it is checked here
+against a per-pair, per-word scalar computation in plain Python floats written from the spec
+formulas (sections 4-6, 8b), not from reference.py."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from conftest import D, K, LENS, N_IMG, N_CAP, tiny
+from model import Config, LabelHead
 from reference import casc_scores, hinge_loss, hinge_loss_vectorized, label_head, train_loss
 
-N_IMG, N_CAP, R, L, D, H, K = 2, 3, 3, 5, 4, 6, 3
-CAP_LENS = [5, 2, 4]  # distinct, one full, one short: a misplaced pad or swapped axis shows
+CAP_LENS = LENS.tolist()  # distinct, one full, one of a single word: a misplaced pad or swapped axis shows
 
 
 def make_inputs(seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    img = torch.randn(N_IMG, R, D, generator=g, dtype=dtype)
-    img = img / img.norm(dim=-1, keepdim=True)
-    cap = torch.randn(N_CAP, L, D, generator=g, dtype=dtype)
-    cap = cap / cap.norm(dim=-1, keepdim=True)
-    lens = torch.tensor(CAP_LENS)
-    for j, n in enumerate(CAP_LENS):
-        cap[j, n:] = 0  # zero past cap_lens, as the encoder delivers it
-    head = (torch.randn(H, D, generator=g, dtype=dtype), torch.randn(H, generator=g, dtype=dtype),
-            torch.randn(K, H, generator=g, dtype=dtype), torch.randn(K, generator=g, dtype=dtype))
+    """tiny()'s regions, words and head, with cap_lens, multi-hot targets (N_IMG, K) and pos_weight (K,)."""
+    img, cap, _, head = tiny(seed, dtype)
+    g = torch.Generator().manual_seed(seed + 100)
     targets = (torch.rand(N_IMG, K, generator=g) > 0.5).to(dtype)
     pos_weight = 1 + torch.rand(K, generator=g, dtype=dtype) * 3
-    return img, cap, lens, head, targets, pos_weight
+    return img, cap, LENS, head, targets, pos_weight
 
 
 # ---- scalar spec, lists of floats only ----
@@ -88,14 +83,14 @@ def sigmoid(x):
     return 1 / (1 + math.exp(-x))
 
 
-def scalar_pair(img, words, head, kw):
-    """One image (R lists) and one caption (its true words) -> dict of floats."""
-    r_t2i, att_t2i = attend(words, img, kw['raw_feature_norm'], kw['lambda_softmax_avg'])
-    r_i2t, att_i2t = attend(img, words, kw['raw_feature_norm'], kw['lambda_softmax_lse'])
-    out = {'s_t2i': agg(r_t2i, kw['t2i_agg'], kw['lambda_lse']),
-           's_i2t': agg(r_i2t, kw['i2t_agg'], kw['lambda_lse'])}
+def scalar_pair(img, words, head, cfg):
+    """One image (R lists), one caption (its true words), head weights (lists) -> dict of floats."""
+    r_t2i, att_t2i = attend(words, img, cfg.raw_feature_norm, cfg.lambda_softmax_avg)
+    r_i2t, att_i2t = attend(img, words, cfg.raw_feature_norm, cfg.lambda_softmax_lse)
+    out = {'s_t2i': agg(r_t2i, cfg.t2i_agg_func, cfg.lambda_lse),
+           's_i2t': agg(r_i2t, cfg.i2t_agg_func, cfg.lambda_lse)}
     out['s_loc'] = {'t2i': out['s_t2i'], 'i2t': out['s_i2t'],
-                    'all': (out['s_t2i'] + out['s_i2t']) / 2}[kw['cross_attn']]
+                    'all': (out['s_t2i'] + out['s_i2t']) / 2}[cfg.cross_attn]
     li = head_scalar(mean_vec(att_t2i), *head)   # u_img: mean over all words, incl. <start>/<end>
     lt = head_scalar(mean_vec(att_i2t), *head)   # u_txt: mean over all regions
     pi, pt = [sigmoid(x) for x in li], [sigmoid(x) for x in lt]
@@ -105,39 +100,41 @@ def scalar_pair(img, words, head, kw):
     return out
 
 
-DEFAULTS = dict(raw_feature_norm='clipped_l2norm', lambda_softmax_avg=9., lambda_softmax_lse=4.,
-                t2i_agg='Mean', i2t_agg='LogSumExp', lambda_lse=5., cross_attn='all')
 CASES = ([dict(raw_feature_norm=n) for n in
           ['clipped_l2norm', 'softmax', 'l2norm', 'l1norm', 'clipped_l1norm', 'clipped', 'no_norm']]
-         + [dict(t2i_agg='LogSumExp', i2t_agg='Mean'), dict(t2i_agg='Max', i2t_agg='Sum'),
+         + [dict(t2i_agg_func='LogSumExp', i2t_agg_func='Mean'), dict(t2i_agg_func='Max', i2t_agg_func='Sum'),
             dict(cross_attn='t2i'), dict(cross_attn='i2t', raw_feature_norm='softmax')])
+
+
+def head_lists(head: LabelHead) -> list:
+    return [p.tolist() for p in (head.fc1.weight, head.fc1.bias, head.fc2.weight, head.fc2.bias)]
 
 
 @pytest.mark.parametrize('case', CASES, ids=lambda c: '-'.join(map(str, c.values())))
 def test_casc_scores_match_per_pair_scalar_spec(case):
-    kw = {**DEFAULTS, **case}
+    cfg = Config(**case)  # the paper's settings but for the case; alpha 0.8
     img, cap, lens, head, _, _ = make_inputs()
-    out = casc_scores(img, cap, lens, head=head, alpha=0.8, **kw)
-    head_l = [t.tolist() for t in head]
+    with torch.no_grad():
+        out = casc_scores(img, cap, lens, cfg, head)
     for i in range(N_IMG):
         for j in range(N_CAP):
-            want = scalar_pair(img[i].tolist(), cap[j, :CAP_LENS[j]].tolist(), head_l, kw)
+            want = scalar_pair(img[i].tolist(), cap[j, :CAP_LENS[j]].tolist(), head_lists(head), cfg)
             for key, val in want.items():
                 assert out[key][i, j].tolist() == pytest.approx(val, abs=1e-10, rel=0), (key, i, j)
 
 
 def test_garbage_padding_changes_nothing():
     img, cap, lens, head, targets, pos_weight = make_inputs()
-    junk, g = cap.clone(), torch.Generator().manual_seed(2)
+    junk, g, cfg = cap.clone(), torch.Generator().manual_seed(2), Config()
     for j, n in enumerate(CAP_LENS):
-        junk[j, n:] = 100 * torch.randn(L - n, D, generator=g, dtype=cap.dtype)
-    a, b = casc_scores(img, cap, lens, head=head), casc_scores(img, junk, lens, head=head)
+        junk[j, n:] = 100 * torch.randn(cap.size(1) - n, D, generator=g, dtype=cap.dtype)
+    a, b = casc_scores(img, cap, lens, cfg, head), casc_scores(img, junk, lens, cfg, head)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     B = N_IMG  # train on the first B matched pairs
     junk.requires_grad_(True)
-    loss_junk = train_loss(img, junk[:B], lens[:B], targets, head=head, pos_weight=pos_weight)
-    loss = train_loss(img, cap[:B], lens[:B], targets, head=head, pos_weight=pos_weight)
+    loss_junk = train_loss(img, junk[:B], lens[:B], targets, cfg, head, pos_weight)
+    loss = train_loss(img, cap[:B], lens[:B], targets, cfg, head, pos_weight)
     assert torch.equal(loss, loss_junk)
     loss_junk.backward()
     grad = junk.grad
@@ -148,8 +145,8 @@ def test_garbage_padding_changes_nothing():
 
 def test_train_loss_is_hinge_plus_weighted_mean_bce():
     img, cap, lens, head, targets, pos_weight = make_inputs()
-    B = N_IMG
-    out = casc_scores(img, cap[:B], lens[:B], head=head)
+    B, cfg = N_IMG, Config()  # margin 0.2, max_violation, label_weight 10
+    out = casc_scores(img, cap[:B], lens[:B], cfg, head)
     want = hinge_loss(out['s_loc'], 0.2, True)
     for logits in (out['logits_img'], out['logits_txt']):
         bce = 0.  # -[p y log sigma(x) + (1 - y) log(1 - sigma(x))], mean over B and K
@@ -158,8 +155,11 @@ def test_train_loss_is_hinge_plus_weighted_mean_bce():
                 x, y, p = logits[i, i, k].item(), targets[i, k].item(), pos_weight[k].item()
                 bce -= p * y * math.log(sigmoid(x)) + (1 - y) * math.log(1 - sigmoid(x))
         want = want + 10 * bce / (B * K)
-    got = train_loss(img, cap[:B], lens[:B], targets, head=head, pos_weight=pos_weight)
+    got = train_loss(img, cap[:B], lens[:B], targets, cfg, head, pos_weight)
     assert got.item() == pytest.approx(want.item(), abs=1e-10)
+    for change in (dict(margin=0.5), dict(max_violation=False), dict(label_weight=3.)):  # cfg's loss options are read
+        assert train_loss(img, cap[:B], lens[:B], targets, dataclasses.replace(cfg, **change), head,
+                          pos_weight).item() != pytest.approx(got.item(), abs=1e-6), change
 
 
 # Hand-computed, margin 0.2, rows = images, columns = captions:
@@ -193,9 +193,11 @@ def test_hinge_vectorized_equals_loop(max_violation):
 def test_label_head_has_tanh():
     # x = 0.5, W1 = [[2]], b1 = 0 -> tanh(1) = 0.761594...; W2 = [[1], [-2]], b2 = [0.5, 0]
     x = torch.tensor([[0.5]], dtype=torch.float64)
-    out = label_head(x, torch.tensor([[2.]], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
-                     torch.tensor([[1.], [-2.]], dtype=torch.float64),
-                     torch.tensor([0.5, 0.], dtype=torch.float64))
+    head = LabelHead(1, 1, 2).double()
+    with torch.no_grad():
+        for p, v in zip(head.parameters(), ([[2.]], [0.], [[1.], [-2.]], [0.5, 0.])):  # W1, b1, W2, b2
+            p.copy_(torch.tensor(v))
+        out = label_head(x, head)
     t = math.tanh(1.0)
     assert out[0].tolist() == pytest.approx([t + 0.5, -2 * t], abs=1e-12)   # no tanh would give [1.5, -2]
 
@@ -203,9 +205,8 @@ def test_label_head_has_tanh():
 def test_float32_and_autograd_reach_every_input():
     img, cap, lens, head, targets, pos_weight = make_inputs(dtype=torch.float32)
     img.requires_grad_(True)
-    head = tuple(t.requires_grad_(True) for t in head)
-    loss = train_loss(img, cap[:N_IMG], lens[:N_IMG], targets, head=head, pos_weight=pos_weight)
+    loss = train_loss(img, cap[:N_IMG], lens[:N_IMG], targets, Config(), head, pos_weight)
     assert loss.dtype == torch.float32
     loss.backward()
-    for t in (img, *head):
+    for t in (img, *head.parameters()):
         assert torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0

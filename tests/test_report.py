@@ -17,6 +17,7 @@ from PIL import Image
 import data
 import evaluation
 import report
+import toy
 import vocab as vocab_lib
 from model import CASC, Config
 from report import grid_boxes, grid_shape, heat_map, image_names, write_examples
@@ -141,7 +142,7 @@ def write_image(path, size=(64, 48), mode='RGB', colour=(200, 30, 30), exif_orie
         im.save(path)
 
 
-# ---------------------------------------------------------------- image_names
+# ---------------------------------------------------------------- image_names (data.read_image_names)
 
 def names_setup(tmp_path, content, n_images=3):
     """A split of n_images images whose names file holds ``content`` (str: UTF-8; bytes: as is)."""
@@ -155,13 +156,12 @@ def names_setup(tmp_path, content, n_images=3):
     return dataset, str(image_dir), str(path)
 
 
-def test_image_names_reads_one_name_per_line(tmp_path):
+def test_image_names_reads_one_name_per_line_exactly(tmp_path):
     (tmp_path / 'images').mkdir()
     os.symlink(tmp_path / 'images' / 'sub', tmp_path / 'images' / 'alias')  # a link that stays inside
-    content = 'a.jpg\r\nsub/b (1).jpg\n alias/c d.jpg \nsub/../e.jpg\n'  # more names than images is fine
-    dataset, image_dir, _ = names_setup(tmp_path, content)
-    assert image_names(dataset, image_dir) == ['a.jpg', 'sub/b (1).jpg', ' alias/c d.jpg ', 'sub/../e.jpg']
-    dataset, image_dir, _ = names_setup(tmp_path, 'a.jpg\nb.jpg\nc.jpg')  # no final newline
+    dataset, image_dir, _ = names_setup(tmp_path, 'a.jpg\r\nsub/b (1).jpg\nalias/c d.jpg\n')
+    assert image_names(dataset, image_dir) == ['a.jpg', 'sub/b (1).jpg', 'alias/c d.jpg']
+    dataset, image_dir, _ = names_setup(tmp_path, '\ufeffa.jpg\nb.jpg\nc.jpg')  # a BOM, no final newline
     assert image_names(dataset, image_dir) == ['a.jpg', 'b.jpg', 'c.jpg']
 
 
@@ -172,50 +172,76 @@ def test_image_names_is_none_without_image_dir_or_names_file(tmp_path):
     assert image_names(dataset, image_dir) is None
 
 
-def refusal(tmp_path, content, n_images=3) -> str:
+def refusal(tmp_path, content, n_images=3, symlink=False) -> str:
+    """report.image_names's ValueError: one line naming the file. data.read_image_names without
+    image_dir refuses the same file in the same words, but for what only symlinks in it can cause."""
     dataset, image_dir, path = names_setup(tmp_path, content, n_images)
     with pytest.raises(ValueError) as err:
         image_names(dataset, image_dir)
     message = str(err.value)
-    assert path in message and '\n' not in message
+    assert message.startswith(path) and '\n' not in message
+    if not symlink:
+        with pytest.raises(ValueError) as err:
+            data.read_image_names(path, n_images)
+        assert str(err.value) == message
     return message
 
 
-def test_image_names_refuses_fewer_names_than_images(tmp_path):
-    message = refusal(tmp_path, 'a.jpg\nb.jpg\nc.jpg\n', n_images=23)
-    assert 'test_image_names.txt has 3 names but the test split has 23 images' in message
+@pytest.mark.parametrize('content, n_images', [('a.jpg\nb.jpg\nc.jpg\n', 23), ('a.jpg\nb.jpg\nc.jpg\nd.jpg\n', 3)])
+def test_image_names_refuses_another_count_than_the_splits_images(tmp_path, content, n_images):
+    n = content.count('\n')
+    assert refusal(tmp_path, content, n_images).endswith(
+        f'test_image_names.txt has {n} names but its split has {n_images} images')
+
+
+@pytest.mark.parametrize('content', ['', '\ufeff'])  # ('\n' is one empty line)
+def test_image_names_refuses_a_file_without_names(tmp_path, content):
+    assert refusal(tmp_path, content).endswith('test_image_names.txt: no image names in it')
 
 
 @pytest.mark.parametrize('content, line, why', [
-    ('a.jpg\n\nc.jpg\n', 2, 'empty'),
+    ('a.jpg\n\nc.jpg\n', 2, 'empty (one image name per line)'),
+    ('\n', 1, 'empty'),
     ('a.jpg\nb.jpg\nc.jpg\n\n', 4, 'empty'),  # only one final empty line is the file's last newline
-    ('a.jpg\n/etc/passwd\nc.jpg\n', 2, 'absolute'),
-    ('a.jpg\nb.jpg\n../../etc/passwd\n', 3, 'outside'),
-    ('a.jpg\nsub/../../x.jpg\nc.jpg\n', 2, 'outside'),
-    ('../images-evil/a.jpg\nb.jpg\nc.jpg\n', 1, 'outside'),  # a sibling that shares the prefix
-    ('a.jpg\nb\0.jpg\nc.jpg\n', 2, 'NUL'),
+    ('a.jpg\nb.jpg \nc.jpg\n', 2, "'b.jpg ' has leading or trailing whitespace"),
+    ('a.jpg\n\tb.jpg\nc.jpg\n', 2, "'\\tb.jpg' has leading or trailing whitespace"),
+    ('a.jpg\nb\0.jpg\nc.jpg\n', 2, "'b\\x00.jpg' has a non-printable character"),
+    ('a.jpg\nb\x1b[31m.jpg\nc.jpg\n', 2, 'non-printable'),  # a terminal escape
+    ('a.jpg\n/etc/passwd\nc.jpg\n', 2, "'/etc/passwd' is an absolute path, not one inside --image_dir"),
+    ('a.jpg\nb.jpg\nC:\\x.jpg\n', 3, 'absolute path'),
+    ('a.jpg\nb.jpg\n../../etc/passwd\n', 3, "'../../etc/passwd' has a '..' part: image names stay inside --image_dir"),
+    ('a.jpg\nsub/../../x.jpg\nc.jpg\n', 2, "'..' part"),
+    ('a.jpg\nsub/../b.jpg\nc.jpg\n', 2, "'..' part"),  # even one that stays inside
+    ('../images-evil/a.jpg\nb.jpg\nc.jpg\n', 1, "'..' part"),  # a sibling that shares the prefix
+    ('a.jpg\nsub\\..\\..\\x.jpg\nc.jpg\n', 2, "'..' part"),  # Windows separators
+    ('a.jpg\nb.jpg\na.jpg\n', 3, "'a.jpg' names the same image as line 1"),
+    ('a.jpg\nb.jpg\n./sub//../a.jpg\n', 3, "'..' part"),
+    ('a.jpg\nsub/b.jpg\n./sub//b.jpg\n', 3, "'./sub//b.jpg' names the same image as line 2"),
 ])
-def test_image_names_refuses_empty_absolute_and_escaping_names(tmp_path, content, line, why):
+def test_image_names_refuses_each_bad_line_naming_it(tmp_path, content, line, why):
     message = refusal(tmp_path, content)
-    assert f'line {line}' in message and why in message
+    assert f'test_image_names.txt: line {line}: ' in message and why in message
 
 
-def test_image_names_refuses_a_symlink_that_leads_outside(tmp_path):
+def test_image_names_refuses_a_symlink_that_leads_outside_or_repeats_a_file(tmp_path):
     (tmp_path / 'images').mkdir()
     (tmp_path / 'secret').mkdir()
     os.symlink(tmp_path / 'secret', tmp_path / 'images' / 'link')
-    message = refusal(tmp_path, 'a.jpg\nlink/passwd\nc.jpg\n')
-    assert 'line 2' in message and 'outside' in message
+    message = refusal(tmp_path, 'a.jpg\nlink/passwd\nc.jpg\n', symlink=True)
+    assert "line 2: 'link/passwd' resolves outside --image_dir" in message and '(a symlink)' in message
+    os.symlink(tmp_path / 'images' / 'sub', tmp_path / 'images' / 'alias')
+    message = refusal(tmp_path, 'sub/a.jpg\nb.jpg\nalias/a.jpg\n', symlink=True)
+    assert message.endswith("line 3: 'alias/a.jpg' names the same image as line 1")
 
 
 def test_image_names_refuses_a_line_that_is_not_utf8(tmp_path):
     message = refusal(tmp_path, b'a.jpg\nb.jpg\n\xff\xfe.jpg\n')
-    assert 'line 3' in message and 'UTF-8' in message
+    assert message.endswith('test_image_names.txt: line 3 is not UTF-8')
 
 
 def test_image_names_refuses_an_image_dir_that_is_no_folder(tmp_path):
     dataset, _, _ = names_setup(tmp_path, 'a.jpg\nb.jpg\nc.jpg\n')
-    with pytest.raises(ValueError, match='--image_dir .*nowhere: no such folder'):
+    with pytest.raises(ValueError, match='^--image_dir .*nowhere: no such folder$'):
         image_names(dataset, str(tmp_path / 'nowhere'))
 
 
@@ -301,7 +327,7 @@ def test_an_unreadable_image_is_shown_by_its_index_with_a_warning(tmp_path, caps
 # ---------------------------------------------------------------- the examples page end to end
 
 def test_examples_page_shows_hostile_captions_labels_and_names_as_text_only(tmp_path):
-    folder = data.make_toy(str(tmp_path / 'd'), sizes={'test': 6})
+    folder = toy.make_toy(str(tmp_path / 'd'), sizes={'test': 6})
     caps = [f'{HOSTILE[k % len(HOSTILE)]} n{k}' for k in range(30)]  # 6 images x 5, all distinct
     with open(os.path.join(folder, 'test_caps.txt'), 'w', encoding='utf-8') as f:
         f.write('\n'.join(caps) + '\n')

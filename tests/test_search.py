@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import evaluation
 import labels as labels_lib
 import model as model_lib
 import reference as ref
 import report
 import search
+import toy
 import vocab as vocab_lib
 from conftest import train_tiny
 from model import Config
@@ -50,16 +51,16 @@ def one_thread():
 def world(tmp_path_factory):
     """Toy data, its vocabulary and 10 labels, one checkpoint (1 epoch); the test split (no image
     names), and 'dup': the test split with image 7 and its 5 captions replaced by copies of image 3
-    and its captions, with image names (image 7 named as image 3: it is the same picture). Also
+    and its captions, with image names (1000.jpg .. 1029.jpg: a names file never repeats one). Also
     evaluation.py --save_sims on both splits: the scores search must reproduce."""
     root = tmp_path_factory.mktemp('search')
     data_path, vocab_path = root / 'data', root / 'vocab'
-    folder = data.make_toy(str(data_path), sizes=SIZES)
+    folder = toy.make_toy(str(data_path), sizes=SIZES)
     ims = np.load(os.path.join(folder, 'test_ims.npy'))
     caps = open(os.path.join(folder, 'test_caps.txt'), encoding='utf-8').read().splitlines()
     ims[DUP], caps[5 * DUP:5 * DUP + 5] = ims[OF], caps[5 * OF:5 * OF + 5]
     np.save(os.path.join(folder, 'dup_ims.npy'), ims)
-    names = [f'{1000 + (OF if i == DUP else i)}.jpg' for i in range(N_IMG)]
+    names = [f'{1000 + i}.jpg' for i in range(N_IMG)]
     for kind, lines in (('caps', caps), ('image_names', names)):
         with open(os.path.join(folder, f'dup_{kind}.txt'), 'w', encoding='utf-8') as f:
             f.write('\n'.join(lines) + '\n')
@@ -286,8 +287,38 @@ def test_bad_image_indices_and_names_are_refused_naming_the_range_or_file(world,
     dup_names = os.path.join(world.data, 'toy_precomp', 'dup_image_names.txt')
     msg = refusal(world, capsys, '--image', 'nosuch.jpg', split='dup')
     assert "'nosuch.jpg'" in msg and dup_names in msg and 'no image of that name' in msg and '0..29' in msg
-    msg = refusal(world, capsys, '--image', '1003.jpg', split='dup')  # images 3 and 7 share it
-    assert 'images 3 and 7' in msg and dup_names in msg
+
+
+@pytest.fixture
+def bad_names(world):
+    """write(lines) -> the 'bad' split: the test split's images and captions with these image names."""
+    folder = os.path.join(world.data, 'toy_precomp')
+    for kind in ('ims.npy', 'caps.txt'):
+        shutil.copyfile(os.path.join(folder, f'test_{kind}'), os.path.join(folder, f'bad_{kind}'))
+    path = os.path.join(folder, 'bad_image_names.txt')
+
+    def write(lines):
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write('\n'.join(lines) + '\n')
+        return path
+    yield write
+    for kind in ('ims.npy', 'caps.txt', 'image_names.txt'):
+        os.remove(os.path.join(folder, f'bad_{kind}'))
+
+
+def test_a_bad_names_file_is_refused_naming_its_line_when_the_split_is_opened(world, bad_names, capsys):
+    # data.read_image_names's rules hold without --image_dir too (test_report.py tests each one)
+    good = [f'{1000 + i}.jpg' for i in range(N_IMG)]
+    for lines, why in ((good[:7] + [good[3]] + good[8:], "line 8: '1003.jpg' names the same image as line 4"),
+                       (good[:-1], f'has {N_IMG - 1} names but its split has {N_IMG} images'),
+                       (good[:2] + ['../1002.jpg'] + good[3:], "line 3: '../1002.jpg' has a '..' part"),
+                       (good[:2] + ['/1002.jpg'] + good[3:], "line 3: '/1002.jpg' is an absolute path"),
+                       (good[:29] + [' 1029.jpg'], "line 30: ' 1029.jpg' has leading or trailing whitespace")):
+        path = bad_names(lines)
+        msg = refusal(world, capsys, '--query', 'a dog', split='bad')  # a text query shows no names, still refused
+        assert msg.startswith(f'error: {path}') and why in msg, msg
+    bad_names(good)  # and once right, it serves names
+    assert run(world, capsys, '--json', '--image', '1029.jpg', split='bad')[0][0]['image'] == N_IMG - 1
 
 
 def test_images_are_found_by_name(world, dup, capsys):
@@ -420,7 +451,7 @@ R = 12  # the toy data's regions: a 3 x 4 grid
 
 @pytest.fixture(scope='module')
 def image_dir(world):
-    """The 'dup' split's pictures, 1000.jpg .. 1029.jpg (1003.jpg named twice), of a few sizes."""
+    """The 'dup' split's pictures, 1000.jpg .. 1029.jpg, of a few sizes."""
     folder = world.root / 'images'
     for i, name in enumerate(world.names):
         write_image(str(folder / name), size=(80 + 10 * (i % 3), 60), colour=(8 * i, 100, 200))
@@ -593,6 +624,19 @@ def test_page_shows_hostile_queries_captions_names_and_labels_as_text_only(world
         f'q0_r{r}_w{w}.png' for r in (1, 2, 3) for w in range(1, len(vocab_lib.tokenize(query)) + 1)])
 
 
+def test_out_reads_the_names_file_once(world, image_dir, capsys, tmp_path, monkeypatch):
+    names_file, opened, real_open = os.path.join(world.data, 'toy_precomp', 'dup_image_names.txt'), [], open
+
+    def spy(file, *args, **kw):
+        opened.append(file)
+        return real_open(file, *args, **kw)
+    monkeypatch.setattr('builtins.open', spy)
+    results, _, _ = run(world, capsys, '--k', '2', '--image', '1003.jpg', '--out', str(tmp_path / 'page'),
+                        '--image_dir', image_dir, split='dup')
+    assert results[0]['image'] == 3 and pictures_in(tmp_path / 'page') == ['img_000003.jpg']  # names used
+    assert [os.fspath(f) for f in opened if isinstance(f, (str, os.PathLike))].count(names_file) == 1
+
+
 def test_page_refusals_come_before_any_scoring(world, evil, image_dir, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(search, 'top_images', lambda *a, **kw: pytest.fail('scored'))
     msg = refusal(world, capsys, '--query', 'a dog', '--image_dir', image_dir)
@@ -606,11 +650,16 @@ def test_page_refusals_come_before_any_scoring(world, evil, image_dir, capsys, t
     out = tmp_path / 'page'
     original = open(evil.names_file, encoding='utf-8').read()
     try:
-        with open(evil.names_file, 'w', encoding='utf-8') as f:
-            f.write(original.replace('javascript:alert(1).jpg', '../../etc/passwd'))
-        msg = refusal(world, capsys, '--query', 'a dog', '--out', str(out), '--image_dir', evil.image_dir,
-                      split='evil')
-        assert 'line 3' in msg and 'outside --image_dir' in msg
+        for name, why in (('../../etc/passwd', "'..' part"), ('link/passwd', 'resolves outside --image_dir')):
+            with open(evil.names_file, 'w', encoding='utf-8') as f:
+                f.write(original.replace('javascript:alert(1).jpg', name))
+            os.symlink(tmp_path, os.path.join(evil.image_dir, 'link'))  # a folder outside --image_dir
+            try:
+                msg = refusal(world, capsys, '--query', 'a dog', '--out', str(out), '--image_dir', evil.image_dir,
+                              split='evil')
+            finally:
+                os.remove(os.path.join(evil.image_dir, 'link'))
+            assert msg.startswith(f'error: {evil.names_file}: line 3: ') and why in msg
     finally:
         with open(evil.names_file, 'w', encoding='utf-8') as f:
             f.write(original)

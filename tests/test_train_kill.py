@@ -11,17 +11,14 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
-from test_train import SMALL, toy  # noqa: F401 (the fixture)
+from conftest import ROOT, train_argv
 
 EPOCHS = ['--num_epochs', '3', '--val_step', '1000']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny model: one thread is faster on a shared CPU
 
 
 def argv(toy, out, *extra):
-    root, common = toy
-    return [sys.executable, os.path.join(ROOT, 'train.py'), *common, *SMALL, *EPOCHS,
-            '--logger_name', str(out / 'log'), '--model_name', str(out), *extra]
+    return [sys.executable, os.path.join(ROOT, 'train.py'), *train_argv(toy, out, *EPOCHS, *extra)]
 
 
 def load(path):
@@ -29,11 +26,10 @@ def load(path):
 
 
 @pytest.mark.slow
-def test_sigkill_loses_nothing_and_the_resumed_run_is_bit_identical(toy):  # noqa: F811
-    root, _ = toy
-    straight = root / 'never_killed'
+def test_sigkill_loses_nothing_and_the_resumed_run_is_bit_identical(toy, tmp_path):
+    straight = tmp_path / 'never_killed'
     subprocess.run(argv(toy, straight), check=True, capture_output=True, env=ENV)
-    killed = root / 'killed'
+    killed = tmp_path / 'killed'
     proc = subprocess.Popen(argv(toy, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 120
     log = killed / 'log' / 'train.log'  # killed mid-epoch 1, after it logged (and maybe flushed) curve points

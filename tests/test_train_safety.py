@@ -18,12 +18,12 @@ import warnings
 import pytest
 import torch
 
-import data
 import labels
 import train
 import util
 import vocab
 from conftest import ROOT
+from toy import make_toy
 
 SIZES = {'train': 40, 'dev': 20, 'test': 10, 'testall': 10}  # 200 training captions: 4 batches of 50
 SMALL = ['--img_dim', '64', '--embed_size', '32', '--word_dim', '16', '--num_labels', '20',
@@ -58,7 +58,7 @@ def toy(tmp_path_factory):
     torch.set_num_threads(1)  # see ENV
     root = tmp_path_factory.mktemp('safety')
     t = Toy(root)
-    data.make_toy(str(t.data), sizes=SIZES)
+    make_toy(str(t.data), sizes=SIZES)
     common = ['--data_path', str(t.data), '--data_name', 'toy_precomp', '--vocab_path', str(t.vocab_path)]
     vocab.main(common)
     labels.main(common + ['--num_labels', '20'])
@@ -150,6 +150,7 @@ def holders():
             h.kill()
 
 
+@pytest.mark.slow
 def test_a_held_model_folder_is_refused_naming_the_holder_and_freed_when_it_is_killed(toy, tmp_path, holders):
     out = tmp_path / 'run'
     holder = holders(out, '--model_name')
@@ -244,6 +245,7 @@ def test_a_fresh_run_into_an_earlier_run_is_refused_and_leaves_it_as_it_was(toy,
     assert 'left train.log, events.out.tfevents.' in msg and '--resume' not in msg and '--overwrite' in msg, msg
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_an_earlier_run_only_once_the_data_loaded(toy, earlier, tmp_path):
     run = copy_run(earlier, tmp_path / 'run')
     before = snapshot(run)
@@ -262,6 +264,7 @@ def test_overwrite_replaces_an_earlier_run_only_once_the_data_loaded(toy, earlie
     assert load(run / 'checkpoint_0.pth.tar')['opt']['num_epochs'] == 1
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_at_start_up_writes_no_log_so_the_rerun_needs_no_overwrite(toy, tmp_path):
     run = tmp_path / 'run'
     msg = refused(toy.argv(run, '--num_epochs', 1, '--img_dim', 2048))  # checked before anything is written
@@ -275,6 +278,7 @@ def test_a_run_that_fails_at_start_up_writes_no_log_so_the_rerun_needs_no_overwr
     assert (run / 'checkpoint_0.pth.tar').exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_died_before_its_first_checkpoint_needs_overwrite(toy, tmp_path):
     run = tmp_path / 'run'
     msg = refused(toy.argv(run, '--num_epochs', 1, '--margin', 'inf'))  # the first loss is inf
@@ -290,6 +294,7 @@ def test_a_run_that_died_before_its_first_checkpoint_needs_overwrite(toy, tmp_pa
     assert load(run / 'checkpoint_0.pth.tar')['epoch'] == 1
 
 
+@pytest.mark.slow
 def test_resume_that_would_write_later_checkpoints_again_is_refused_unless_overwrite(toy, earlier, tmp_path):
     run = copy_run(earlier, tmp_path / 'run')
     first = run / 'checkpoint_0.pth.tar'

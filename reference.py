@@ -1,14 +1,21 @@
 """The authors' CASC scoring, as a faithful slow loop: one caption at a time, sliced to its true
 length and repeated over all images, with every attended vector materialized (as in their
-model.py, minus its bugs; spec sections 4-6, 8b). It is the yardstick for the fast engine in
-tests and the "authors' algorithm" baseline of bench.py; nothing in the package imports it.
+model.py, minus its bugs; CASC_SPEC sections 4-6, 8b). It is the yardstick of every exactness
+claim about the engine (model.py) in the tests, and the "authors' algorithm" of bench.py;
+nothing else imports it. Slow on purpose: every step is written out to be checked by eye.
 
 Works on encoded embeddings only: img_emb (n_img, R, d), cap_emb (n_cap, L, d) with anything
-past cap_lens (n_cap,) ignored. Device- and dtype-agnostic; differentiable.
+past cap_lens (n_cap,) ignored. The hyperparameters are a model.Config's; the label head is the
+model's LabelHead, whose weights are applied here from the spec's formula. Device- and
+dtype-agnostic; differentiable.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from model import Config, LabelHead
 
 
 def l2norm(x: Tensor, dim: int) -> Tensor:
@@ -61,9 +68,10 @@ def aggregate(rel: Tensor, agg: str, lambda_lse: float) -> Tensor:
     raise ValueError(f'unknown agg {agg!r}')
 
 
-def _xattn(img_emb, cap_emb, cap_lens, *, words_query, raw_feature_norm, lambda_softmax, agg,
-           lambda_lse):
-    """-> sims (n_img, n_cap), u (n_img, n_cap, d) = mean over queries of the attended contexts"""
+def xattn(img_emb, cap_emb, cap_lens, *, words_query: bool, raw_feature_norm: str, lambda_softmax: float,
+          agg: str, lambda_lse: float):
+    """Words query regions (t2i) or regions query words (i2t) -> sims (n_img, n_cap) and
+    u (n_img, n_cap, d), the mean over queries of the attended contexts (u_img for t2i, u_txt for i2t)."""
     n_img = img_emb.size(0)
     cols, pooled = [], []
     for i, n_words in enumerate(torch.as_tensor(cap_lens).tolist()):
@@ -77,49 +85,35 @@ def _xattn(img_emb, cap_emb, cap_lens, *, words_query, raw_feature_norm, lambda_
     return torch.stack(cols, 1), torch.stack(pooled, 1)
 
 
-def xattn_t2i(img_emb, cap_emb, cap_lens, *, raw_feature_norm, lambda_softmax, agg, lambda_lse):
-    """Words query regions -> s_t2i (n_img, n_cap), u_img (n_img, n_cap, d)"""
-    return _xattn(img_emb, cap_emb, cap_lens, words_query=True, raw_feature_norm=raw_feature_norm,
-                  lambda_softmax=lambda_softmax, agg=agg, lambda_lse=lambda_lse)
+def label_head(x: Tensor, head: LabelHead) -> Tensor:
+    """x (..., d) -> logits (..., K) = W2 tanh(W1 x + b1) + b2, with the weights of `head`."""
+    return F.linear(torch.tanh(F.linear(x, head.fc1.weight, head.fc1.bias)), head.fc2.weight, head.fc2.bias)
 
 
-def xattn_i2t(img_emb, cap_emb, cap_lens, *, raw_feature_norm, lambda_softmax, agg, lambda_lse):
-    """Regions query words -> s_i2t (n_img, n_cap), u_txt (n_img, n_cap, d)"""
-    return _xattn(img_emb, cap_emb, cap_lens, words_query=False, raw_feature_norm=raw_feature_norm,
-                  lambda_softmax=lambda_softmax, agg=agg, lambda_lse=lambda_lse)
-
-
-def label_head(x: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor) -> Tensor:
-    """x (..., d), W1 (H, d), b1 (H,), W2 (K, H), b2 (K,) -> logits (..., K)"""
-    return F.linear(torch.tanh(F.linear(x, W1, b1)), W2, b2)
-
-
-def _local(img_emb, cap_emb, cap_lens, *, raw_feature_norm='clipped_l2norm', lambda_softmax_avg=9.,
-           lambda_softmax_lse=4., t2i_agg='Mean', i2t_agg='LogSumExp', lambda_lse=5., cross_attn='all'):
-    common = dict(raw_feature_norm=raw_feature_norm, lambda_lse=lambda_lse)
-    s_t2i, u_img = xattn_t2i(img_emb, cap_emb, cap_lens, lambda_softmax=lambda_softmax_avg,
-                             agg=t2i_agg, **common)
-    s_i2t, u_txt = xattn_i2t(img_emb, cap_emb, cap_lens, lambda_softmax=lambda_softmax_lse,
-                             agg=i2t_agg, **common)
-    s_loc = {'t2i': s_t2i, 'i2t': s_i2t, 'all': (s_t2i + s_i2t) / 2}[cross_attn]
+def _local(img_emb, cap_emb, cap_lens, cfg: Config) -> dict:
+    common = dict(raw_feature_norm=cfg.raw_feature_norm, lambda_lse=cfg.lambda_lse)
+    s_t2i, u_img = xattn(img_emb, cap_emb, cap_lens, words_query=True, lambda_softmax=cfg.lambda_softmax_avg,
+                         agg=cfg.t2i_agg_func, **common)
+    s_i2t, u_txt = xattn(img_emb, cap_emb, cap_lens, words_query=False, lambda_softmax=cfg.lambda_softmax_lse,
+                         agg=cfg.i2t_agg_func, **common)
+    s_loc = {'t2i': s_t2i, 'i2t': s_i2t, 'all': (s_t2i + s_i2t) / 2}[cfg.cross_attn]
     return dict(s_t2i=s_t2i, s_i2t=s_i2t, s_loc=s_loc, u_img=u_img, u_txt=u_txt)
 
 
-def casc_scores(img_emb: Tensor, cap_emb: Tensor, cap_lens: Tensor, *, head=None, alpha: float = 0.8,
-                **score_kwargs) -> dict:
+def casc_scores(img_emb: Tensor, cap_emb: Tensor, cap_lens: Tensor, cfg: Config,
+                head: Optional[LabelHead] = None) -> dict:
     """img_emb (n_img, R, d), cap_emb (n_cap, L, d), cap_lens (n_cap,) -> dict of (n_img, n_cap)
-    's_t2i', 's_i2t', 's_loc', 's', plus 'u_img', 'u_txt' (n_img, n_cap, d) and, with
-    head=(W1, b1, W2, b2), 'logits_img', 'logits_txt' (n_img, n_cap, K) and 's_label'.
-    score_kwargs: raw_feature_norm, lambda_softmax_avg, lambda_softmax_lse, t2i_agg, i2t_agg,
-    lambda_lse, cross_attn (defaults: the paper's)."""
-    out = _local(img_emb, cap_emb, cap_lens, **score_kwargs)
+    's_t2i', 's_i2t', 's_loc', 's', plus 'u_img', 'u_txt' (n_img, n_cap, d) and, with a head,
+    'logits_img', 'logits_txt' (n_img, n_cap, K) and 's_label'. Uses cfg's raw_feature_norm,
+    lambda_softmax_avg, lambda_softmax_lse, t2i_agg_func, i2t_agg_func, lambda_lse, cross_attn, alpha."""
+    out = _local(img_emb, cap_emb, cap_lens, cfg)
     out['s'] = out['s_loc']
     if head is not None:
         # The label term always pairs t2i's u_img with i2t's u_txt, whatever cross_attn is.
-        out['logits_img'] = label_head(out['u_img'], *head)               # (n_img, n_cap, K)
-        out['logits_txt'] = label_head(out['u_txt'], *head)
+        out['logits_img'] = label_head(out['u_img'], head)                # (n_img, n_cap, K)
+        out['logits_txt'] = label_head(out['u_txt'], head)
         out['s_label'] = cosine_similarity(out['logits_img'].sigmoid(), out['logits_txt'].sigmoid(), dim=-1)
-        out['s'] = alpha * out['s_loc'] + (1 - alpha) * out['s_label']
+        out['s'] = cfg.alpha * out['s_loc'] + (1 - cfg.alpha) * out['s_label']
     return out
 
 
@@ -150,17 +144,17 @@ def hinge_loss_vectorized(scores: Tensor, margin: float, max_violation: bool) ->
     return cost_cap.sum() + cost_img.sum()
 
 
-def train_loss(img_emb: Tensor, cap_emb: Tensor, cap_lens: Tensor, targets: Tensor, *, head,
-               pos_weight: Tensor, margin: float = 0.2, max_violation: bool = True,
-               label_weight: float = 10., **score_kwargs) -> Tensor:
+def train_loss(img_emb: Tensor, cap_emb: Tensor, cap_lens: Tensor, targets: Tensor, cfg: Config,
+               head: LabelHead, pos_weight: Tensor) -> Tensor:
     """img_emb (B, R, d), cap_emb (B, L, d), cap_lens (B,), targets (B, K) multi-hot -> scalar loss
-    hinge(s_loc) + label_weight * (BCE(f(u_img_ii), y) + BCE(f(u_txt_ii), y)), spec section 5.
-    As the authors: all B x B pooled contexts are materialized, the head sees the diagonal only."""
-    out = _local(img_emb, cap_emb, cap_lens, **score_kwargs)
+    hinge(s_loc) + label_weight * (BCE(f(u_img_ii), y) + BCE(f(u_txt_ii), y)), spec section 5, with
+    cfg's score options, margin, max_violation and label_weight. As the authors: all B x B pooled
+    contexts are materialized, the head sees the diagonal only."""
+    out = _local(img_emb, cap_emb, cap_lens, cfg)
     ii = torch.arange(img_emb.size(0), device=img_emb.device)
-    logits_img = label_head(out['u_img'][ii, ii], *head)                  # (B, K)
-    logits_txt = label_head(out['u_txt'][ii, ii], *head)                  # (B, K)
+    logits_img = label_head(out['u_img'][ii, ii], head)                   # (B, K)
+    logits_txt = label_head(out['u_txt'][ii, ii], head)                   # (B, K)
     # Default 'mean' reduction: averaged over B and K, once per context vector (spec 8b).
     bce = (F.binary_cross_entropy_with_logits(logits_img, targets, pos_weight=pos_weight)
            + F.binary_cross_entropy_with_logits(logits_txt, targets, pos_weight=pos_weight))
-    return hinge_loss_vectorized(out['s_loc'], margin, max_violation) + label_weight * bce
+    return hinge_loss_vectorized(out['s_loc'], cfg.margin, cfg.max_violation) + cfg.label_weight * bce

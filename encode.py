@@ -1,0 +1,41 @@
+"""Encode a split once for all its pairs: region features and captions -> prepared Sides
+(model.prepare), in batches; used by evaluation, search, the report and bench.py."""
+import numpy as np
+import torch
+
+import util
+from data import pad_captions
+from model import CASC, Side
+
+
+@torch.inference_mode()
+def encode_images(model: CASC, images, batch_size: int = 256, device='cpu') -> Side:
+    """images: an (n_img, R, img_dim) array (a memory map is read batch by batch) -> one Side."""
+    parts = []
+    for i0 in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.array(images[i0:i0 + batch_size], dtype=np.float32))  # a copy: mmaps are read-only
+        parts.append(model.encode_images(batch.to(device)))
+    return Side(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
+
+
+@torch.inference_mode()
+def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='cpu', progress: bool = False,
+                    log=None) -> list:
+    """captions: lists of word ids -> [(caption indices (n,), Side)], batches of similar length
+    (sorted longest first), so each batch is padded only to its own longest caption."""
+    order = sorted(range(len(captions)), key=lambda k: -len(captions[k]))
+    out = []
+    bar = util.progress(total=len(captions), desc='encoding captions', unit='cap', log=log, enabled=progress,
+                        leave=False)
+    for j0 in range(0, len(order), batch_size):
+        idx = order[j0:j0 + batch_size]
+        ids, lengths = pad_captions([captions[k] for k in idx])
+        out.append((torch.tensor(idx), model.encode_captions(ids.to(device), lengths.to(device))))
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def images_slice(img: Side, i0: int, i1: int) -> Side:
+    """Images i0..i1 of a prepared Side."""
+    return Side(*(None if t is None else t[i0:i1] for t in img))

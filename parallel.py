@@ -1,0 +1,242 @@
+"""Several processes: `torchrun --nproc_per_node N train.py <flags>` (or evaluation.py).
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; without them this module
+is inert (one process, world size 1) and `python train.py` runs exactly as before. What is exact:
+
+  * Batches. --batch_size is the global batch. Every process draws the same permutation of the
+    training set each epoch (a pure function of --seed and the epoch, whatever the world size)
+    and takes its contiguous share of each global batch (GlobalBatchSampler).
+  * Loss. CASC's hinge takes the hardest negative of the whole batch, so the caption side is
+    gathered from every process with gradients (`Gather`); each process scores its images
+    against all captions, and the (B, B) score matrix and the label logits are gathered, so every
+    process computes the single-process loss of the global batch. Each process back-propagates
+    that same loss: the gathers sum the gradients of every process's copy (N times the
+    gradient), and DistributedDataParallel's average divides by N again.
+  * Scores. Evaluation splits each caption batch's image chunks (the single process's chunks,
+    evaluation.plan_chunks) round-robin across processes and sums the partial matrices on
+    rank 0: every score is computed exactly as one process would.
+"""
+import contextlib
+import datetime
+import json
+import os
+import re
+import time
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import Sampler
+
+TIMEOUT_SECONDS = 600  # a collective that waits longer (a process died or hangs) ends the run
+
+
+class PeerError(OSError):
+    """A collective failed: another process died, failed or hangs (one line, like other OSErrors)."""
+
+
+@contextlib.contextmanager
+def _collective():
+    try:
+        yield
+    except RuntimeError as e:  # gloo's and NCCL's errors (DistBackendError is one)
+        text = re.sub(r'^\[[^\]]*\]\s*', '', str(e).strip())  # drop gloo's [source.cc:line]
+        first = re.split(r'(?<=[.!])\s', text, maxsplit=1)[0]
+        raise PeerError(f'lost the other processes in a collective ({first}); the error of the one '
+                        f'that failed, if any, is above') from None
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True in a process started by torchrun (or with its environment)."""
+    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+
+
+def start(device: torch.device) -> torch.device:
+    """Join the process group when launched by torchrun: NCCL on CUDA (one GPU per local rank),
+    gloo on the CPU. -> the device this process uses."""
+    if not launched() or dist.is_initialized():
+        return device
+    if device.type == 'cuda':
+        index = int(os.environ.get('LOCAL_RANK', 0))
+        if index >= torch.cuda.device_count():
+            raise ValueError(f'local rank {index}: this machine has {torch.cuda.device_count()} CUDA device(s); '
+                             f'start at most that many processes per node')
+        device = torch.device('cuda', index)
+        torch.cuda.set_device(device)
+    elif device.type != 'cpu':
+        raise ValueError(f'--device {device}: several processes run on CUDA or on the CPU')
+    seconds = float(os.environ.get('CASC_DIST_TIMEOUT', TIMEOUT_SECONDS))
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                            timeout=datetime.timedelta(seconds=seconds),
+                            device_id=device if device.type == 'cuda' else None)
+    return device
+
+
+def record_error(message: str):
+    """Under torchrun, leave this process's one-line error where the launcher looks for it
+    (TORCHELASTIC_ERROR_FILE): its failure report then names the error instead of pointing to its docs."""
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if path and not os.path.exists(path):
+        with open(path, 'w', encoding='utf-8') as f:
+            json.dump({'message': {'message': message, 'extraInfo': {'py_callstack': message,
+                                                                       'timestamp': str(int(time.time()))}}}, f)
+
+
+def stop():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shares(n: int, parts: int) -> list:
+    """Sizes of n items split into `parts` contiguous shares as evenly as possible (the first
+    n % parts shares one larger)."""
+    return [n // parts + (p < n % parts) for p in range(parts)]
+
+
+class GlobalBatchSampler(Sampler):
+    """This process's share of every global batch: epoch e's permutation of n items is
+    randperm(n) seeded with seed + e (call set_epoch), cut into global batches of batch_size
+    (the last one smaller), each split into world contiguous shares."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank_: int = 0, world_: int = 1):
+        if batch_size % world_:
+            raise ValueError(f'--batch_size {batch_size}: not divisible by the {world_} processes '
+                             f'(each takes batch_size / {world_} pairs of every global batch)')
+        if 0 < n % batch_size < world_:
+            raise ValueError(f'--batch_size {batch_size}: the last global batch of the {n} training pairs '
+                             f'has {n % batch_size}, fewer than the {world_} processes; choose another batch size')
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank_, world_
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for batch in perm.split(self.batch_size):
+            start = sum(shares(len(batch), self.world)[:self.rank])
+            yield batch[start:start + shares(len(batch), self.world)[self.rank]].tolist()
+
+
+def _sizes(x: Tensor) -> Tensor:
+    """(world, x.dim()) shapes of x on every process."""
+    shape = torch.tensor(x.shape, device=x.device)
+    out = [torch.empty_like(shape) for _ in range(world())]
+    with _collective():
+        dist.all_gather(out, shape)
+    return torch.stack(out).cpu()
+
+
+class _GatherCat(torch.autograd.Function):
+    """Concatenate every process's x (n_p, ...) along dim 0; other dims are zero-padded to the
+    largest. Backward: the gradients of every process's copy are summed (all_reduce) and each
+    process keeps the rows of its own x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        shapes = _sizes(x)
+        top = shapes.amax(0).tolist()
+        pad = []  # F.pad order: last dim first
+        for have, want in zip(reversed(x.shape), reversed(top)):
+            pad += [0, want - have]
+        padded = torch.nn.functional.pad(x, pad).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(world())]
+        with _collective():
+            dist.all_gather(parts, padded)
+        rows = shapes[:, 0].tolist()
+        ctx.start, ctx.shape = sum(rows[:rank()]), x.shape
+        return torch.cat([p[:n] for p, n in zip(parts, rows)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        with _collective():
+            dist.all_reduce(grad)
+        own = grad[ctx.start:ctx.start + ctx.shape[0]]
+        return own[tuple(slice(0, n) for n in ctx.shape)]
+
+
+class Gather:
+    """gather(x): every process's x (n_p, ...) concatenated in rank order, (sum n_p, ...),
+    differentiable for float tensors; `offset` is this process's first row in the result and
+    `total` the rows of all (the global batch size)."""
+
+    def __init__(self, n_local: int, device):
+        rows = _sizes(torch.empty(n_local, device=device))[:, 0].tolist()
+        self.offset, self.total = sum(rows[:rank()]), sum(rows)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.bool:
+            return _GatherCat.apply(x.to(torch.uint8)).bool()
+        if x.requires_grad:
+            return _GatherCat.apply(x)
+        with torch.no_grad():
+            return _GatherCat.apply(x)
+
+
+def round_robin(items: list) -> list:
+    """This process's share of `items` (every world-th one, from its rank)."""
+    return items[rank()::world()]
+
+
+def sum_to_main(t: Tensor, device) -> Tensor:
+    """Sum the CPU tensor t over all processes into rank 0's copy (other ranks' are left as
+    partial sums), through `device` (NCCL reduces CUDA tensors only). Sums of one number and
+    zeros are exact."""
+    if world() == 1:
+        return t
+    with _collective():
+        if dist.get_backend() == 'nccl':
+            on_device = t.to(device)
+            dist.reduce(on_device, 0)
+            return on_device.cpu()
+        dist.reduce(t, 0)
+    return t
+
+
+def broadcast(value):
+    """Rank 0's picklable value, on every process."""
+    if world() == 1:
+        return value
+    box = [value]
+    with _collective():
+        dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def same_weights(module: torch.nn.Module):
+    """Every process starts from rank 0's parameters and buffers."""
+    if world() > 1:
+        with _collective():
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t.data, 0)
+
+
+def average_gradients(params: list):
+    """Average the gradients over the processes, in one flat all_reduce (in place). With the
+    gathers of CASC.forward, each process's gradient holds its share of N copies of the loss's
+    gradient, so the average is the single-process gradient of the global batch."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world() == 1 or not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    with _collective():
+        dist.all_reduce(flat)
+    flat /= world()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))

@@ -1,0 +1,76 @@
+"""Run under torchrun by tests/test_distributed.py (not a test module itself).
+
+    torchrun --standalone --nproc_per_node N tests/dist_worker.py grads OUT.pt
+        one float64 training step on a fixed global batch: rank 0 saves the loss and gradients
+    torchrun ... tests/dist_worker.py raise|kill TRAIN_FLAGS...
+        train.py, with rank 1 raising an exception (or killing itself) at its second step
+"""
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import parallel  # noqa: E402
+from model import CASC, Config  # noqa: E402
+
+B, R, IMG_DIM, K = 7, 5, 10, 6
+
+
+def global_batch():
+    """A fixed float64 batch of B pairs with captions of mixed lengths, and a CASC to train."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([6, 2, 5, 3, 7, 1, 4])
+    captions = torch.randint(4, 30, (B, 7), generator=g) * (torch.arange(7) < lengths[:, None])
+    images = torch.rand(B, R, IMG_DIM, generator=g, dtype=torch.float64)
+    targets = (torch.rand(B, K, generator=g) > 0.5).double()
+    pos_weight = torch.linspace(0.5, 3.0, K, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = CASC(Config(vocab_size=30, word_dim=6, embed_size=8, img_dim=IMG_DIM, num_labels=K,
+                        label_hidden=5)).double()
+    return model, images, captions, lengths, targets, pos_weight
+
+
+def step(model, images, captions, lengths, targets, pos_weight, gather=None):
+    """One loss and backward, gradients averaged over the processes -> (loss, {name: grad})."""
+    out = model(images, captions[:, :int(lengths.max())], lengths, targets, pos_weight, gather)
+    out.loss.backward()
+    parallel.average_gradients(list(model.parameters()))
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def grads(path):
+    parallel.start(torch.device('cpu'))
+    model, images, captions, lengths, targets, pos_weight = global_batch()
+    n = parallel.shares(B, parallel.world())[parallel.rank()]
+    s = sum(parallel.shares(B, parallel.world())[:parallel.rank()])
+    mine = slice(s, s + n)
+    loss, g = step(model, images[mine], captions[mine], lengths[mine], targets[mine], pos_weight,
+                   parallel.Gather(n, 'cpu'))
+    if parallel.is_main():
+        torch.save({'loss': loss, 'grads': g}, path)
+    parallel.stop()
+
+
+def failing(how, argv):
+    import train
+    average, calls = parallel.average_gradients, []
+
+    def average_or_fail(params):
+        calls.append(1)
+        if parallel.rank() == 1 and len(calls) == 2:
+            if how == 'kill':
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ValueError('injected failure on rank 1')
+        average(params)
+
+    parallel.average_gradients = average_or_fail
+    train.main(argv)
+
+
+if __name__ == '__main__':
+    if sys.argv[1] == 'grads':
+        grads(sys.argv[2])
+    else:
+        failing(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,211 @@
+"""Several processes (parallel.py): the global batches, the loss and its gradients, training,
+resuming and evaluation under torchrun (gloo on these CPUs) equal one process's; only rank 0
+writes; a failing rank ends the run."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import labels
+import parallel
+import toy
+import vocab
+from conftest import ROOT
+
+WORKER = os.path.join(ROOT, 'tests', 'dist_worker.py')
+SIZES = {'train': 101, 'dev': 20, 'test': 20, 'testall': 20}  # 505 pairs: the last batch of 64 has 57
+SMALL = ['--img_dim', '64', '--embed_size', '32', '--word_dim', '16', '--num_labels', '20', '--label_hidden', '16',
+         '--batch_size', '64', '--workers', '0', '--log_step', '2', '--val_step', '1000']
+
+
+def torchrun(nproc: int, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc),
+           '--monitor_interval', '0.5', *args]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def python(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+# The global batches -------------------------------------------------------------------------------
+
+def batches(n, batch_size, seed, world, epoch=0):
+    """Every process's batches of one epoch, zipped: [[rank 0's, rank 1's, ...], ...]."""
+    samplers = [parallel.GlobalBatchSampler(n, batch_size, seed, r, world) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return [list(step) for step in zip(*samplers)]
+
+
+@pytest.mark.parametrize('world,batch_size', [(2, 64), (3, 60), (4, 64)])
+def test_the_processes_share_out_the_single_process_batches(world, batch_size):
+    one = [b[0] for b in batches(505, batch_size, seed=3, world=1)]
+    many = batches(505, batch_size, seed=3, world=world)
+    assert len(one) == len(many) == -(-505 // batch_size) and sorted(sum(one, [])) == list(range(505))
+    for single, shares in zip(one, many):
+        assert sum(shares, []) == single  # contiguous shares, in rank order
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1  # the last batch as even as can be
+    assert [len(s) for s in many[-1]] == parallel.shares(505 % batch_size, world)
+
+
+def test_the_shuffle_is_a_function_of_seed_and_epoch():
+    first = batches(505, 64, seed=0, world=1)
+    assert batches(505, 64, seed=0, world=1) == first
+    assert batches(505, 64, seed=0, world=1, epoch=1) != first
+    assert batches(505, 64, seed=1, world=1) != first
+
+
+def test_batch_sizes_that_do_not_split_are_refused():
+    with pytest.raises(ValueError, match=r'--batch_size 63: not divisible by the 2 processes'):
+        parallel.GlobalBatchSampler(505, 63, 0, 0, 2)
+    with pytest.raises(ValueError, match=r'the last global batch of the 505 training pairs has 1, fewer than the 4'):
+        parallel.GlobalBatchSampler(505, 8, 0, 0, 4)
+
+
+def test_one_process_runs_without_a_process_group():
+    assert not parallel.launched() and parallel.world() == 1 and parallel.rank() == 0
+    t = torch.arange(3.0)
+    assert parallel.sum_to_main(t, 'cpu') is t and parallel.broadcast({'a': 1}) == {'a': 1}
+
+
+# The loss and its gradients ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gradients_of_three_processes_equal_one_process_in_float64(tmp_path):
+    """A global batch of 7 pairs (shares 3, 2, 2; captions padded to each share's own longest):
+    the loss and every parameter's gradient equal the single-process ones to 1e-12."""
+    sys.path.insert(0, os.path.dirname(WORKER))
+    import dist_worker
+    check(torchrun(3, WORKER, 'grads', str(tmp_path / 'grads.pt')))
+    got = load(tmp_path / 'grads.pt')
+    loss, grads = dist_worker.step(*dist_worker.global_batch())
+    assert got['loss'].item() == pytest.approx(loss.item(), rel=1e-13, abs=0)
+    assert got['grads'].keys() == grads.keys()
+    for name, g in grads.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(got['grads'][name], g, rtol=0, atol=1e-12, msg=name)
+
+
+# Training, resuming, evaluating ---------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """A: python train.py, 2 epochs. B: torchrun 2 processes, 1 epoch. C: torchrun 2 processes
+    resuming A's first checkpoint to 2 epochs. Same seed and flags, global batch 64."""
+    root = tmp_path_factory.mktemp('dist')
+    toy.make_toy(str(root / 'data'), sizes=SIZES)
+    common = ['--data_path', str(root / 'data'), '--data_name', 'toy_precomp', '--vocab_path', str(root / 'vocab')]
+    vocab.main(common)
+    labels.main(common + ['--num_labels', '20'])
+    common += SMALL
+    out = {name: root / name for name in 'ABC'}
+    t0 = time.perf_counter()
+    check(python('train.py', *common, '--num_epochs', '2', '--model_name', str(out['A']), '--logger_name', str(out['A'])))
+    t1 = time.perf_counter()
+    b = check(torchrun(2, 'train.py', *common, '--num_epochs', '1', '--model_name', str(out['B']),
+                       '--logger_name', str(out['B'])))
+    t2 = time.perf_counter()
+    check(torchrun(2, 'train.py', *common, '--num_epochs', '2', '--resume', str(out['A'] / 'checkpoint_0.pth.tar'),
+                   '--model_name', str(out['C']), '--logger_name', str(out['C'])))
+    print(f'\none process, 2 epochs: {t1 - t0:.1f} s; two processes, 1 epoch: {t2 - t1:.1f} s')
+    return root, out, b
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_weights_of_one(runs):
+    _, out, _ = runs
+    one, two = load(out['A'] / 'checkpoint_0.pth.tar'), load(out['B'] / 'checkpoint_0.pth.tar')
+    assert (one['world_size'], two['world_size']) == (1, 2)
+    assert one['Eiters'] == two['Eiters'] == 8  # 505 pairs in global batches of 64
+    assert max_weight_difference(one['model'], two['model']) < 1e-5
+    for a, b in zip(one['optimizers'], two['optimizers']):
+        for i in a['state']:
+            torch.testing.assert_close(a['state'][i]['exp_avg'], b['state'][i]['exp_avg'], rtol=0, atol=1e-6)
+    assert one['best_rsum'] == two['best_rsum']
+
+
+@pytest.mark.slow
+def test_resuming_under_torchrun_continues_the_single_process_run(runs):
+    _, out, _ = runs
+    one, resumed = load(out['A'] / 'checkpoint_1.pth.tar'), load(out['C'] / 'checkpoint_1.pth.tar')
+    assert resumed['world_size'] == 2 and resumed['Eiters'] == one['Eiters'] == 16
+    assert max_weight_difference(one['model'], resumed['model']) < 1e-5
+
+
+@pytest.mark.slow
+def test_only_rank_0_writes_and_logs(runs):
+    _, out, b = runs
+    files = sorted(os.listdir(out['B']))
+    events = [f for f in files if f.startswith('events.out.tfevents')]
+    assert len(events) == 1  # one TensorBoard writer
+    assert sorted(set(files) - set(events)) == ['.lock', 'checkpoint_0.pth.tar', 'model_best.pth.tar', 'train.log']
+    log = (out['B'] / 'train.log').read_text()
+    assert log.count('epoch 0 done') == 1 and log.count('validation (') == 1
+    assert '2 processes (gloo): each takes 32 pairs of every global batch of 64' in log
+    assert b.stderr.count('epoch 0 done') == 1  # the terminal shows rank 0's lines only
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_equals_one_process_exactly(runs, tmp_path):
+    root, out, _ = runs
+    model = str(out['A'] / 'checkpoint_1.pth.tar')
+    one = check(python('evaluation.py', '--model_path', model, '--split', 'test', '--eval_memory_gb', '0.0001',
+                       '--save_sims', str(tmp_path / 'one.npy')))
+    two = check(torchrun(2, 'evaluation.py', '--model_path', model, '--split', 'test', '--eval_memory_gb', '0.0001',
+                         '--save_sims', str(tmp_path / 'two.npy')))
+    a, b = np.load(tmp_path / 'one.npy'), np.load(tmp_path / 'two.npy')
+    assert a.shape == (20, 100) and np.array_equal(a, b)  # bit for bit: the same chunks, scored once each
+    assert one.stdout.count('rsum:') == two.stdout.count('rsum:') == 1  # rank 0 prints
+    assert one.stdout.splitlines()[-3:] == two.stdout.splitlines()[-3:]
+    assert sorted(os.listdir(tmp_path)) == ['one.npy', 'one_ranks.npz', 'two.npy', 'two_ranks.npz']
+
+
+# Failures ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize('how', ['raise', 'kill'])
+def test_a_failing_rank_ends_every_rank(runs, tmp_path, how):
+    """Rank 1 raises (or is killed) at its second step while rank 0 waits in the gradient
+    all_reduce: the run ends, non-zero, within seconds, with the error named once."""
+    root, _, _ = runs
+    common = ['--data_path', str(root / 'data'), '--data_name', 'toy_precomp', '--vocab_path', str(root / 'vocab')]
+    t0 = time.perf_counter()
+    result = torchrun(2, WORKER, how, *common, *SMALL, '--model_name', str(tmp_path / 'run'),
+                      '--logger_name', str(tmp_path / 'run'), timeout=120)
+    seconds = time.perf_counter() - t0
+    assert result.returncode != 0 and seconds < 90
+    if how == 'raise':
+        assert 'error: rank 1: injected failure on rank 1' in result.stderr
+        assert 'traceback : error: rank 1: injected failure on rank 1' in result.stderr  # torchrun's report names it
+    assert 'checkpoint_0.pth.tar' not in os.listdir(tmp_path / 'run')
+
+
+@pytest.mark.slow
+def test_indivisible_batch_is_one_line_under_torchrun(runs, tmp_path):
+    root, _, _ = runs
+    common = ['--data_path', str(root / 'data'), '--data_name', 'toy_precomp', '--vocab_path', str(root / 'vocab')]
+    result = torchrun(2, 'train.py', *common, *SMALL, '--batch_size', '63', '--model_name', str(tmp_path / 'run'),
+                      '--logger_name', str(tmp_path / 'run'), timeout=120)
+    assert result.returncode != 0
+    assert 'error: rank 0: --batch_size 63: not divisible by the 2 processes' in result.stderr
+    assert 'Traceback' not in result.stderr.split('error: rank')[0]
