@@ -94,14 +94,18 @@ def train_argv(toy, out, *extra) -> list:
     return [*toy.common, *SMALL, '--logger_name', str(out / 'log'), '--model_name', str(out), *map(str, extra)]
 
 
+TOY_MODEL_BATCH = 25
+
+
 @pytest.fixture(scope='session')
 def toy_model(toy):
     """The toy model, trained once per run: one epoch of train.py with the SMALL flags but batches of
-    50 (40 iterations, seed 0; a third of batch 100's time), validated once -> the folder of that run
-    (checkpoint_0.pth.tar, model_best.pth.tar, log/). Tests read it, or copy it before changing it."""
+    25 (80 iterations, seed 0: the (B, B) score matrices make small batches the quickest epoch),
+    validated once -> the folder of that run (checkpoint_0.pth.tar, model_best.pth.tar, log/). Tests
+    read it, or copy it before changing it."""
     import train
     out = toy.root / 'model'
-    train.main(train_argv(toy, out, '--batch_size', 50, '--num_epochs', 1, '--val_step', 1000))
+    train.main(train_argv(toy, out, '--batch_size', TOY_MODEL_BATCH, '--num_epochs', 1, '--val_step', 1000))
     return out
 
 

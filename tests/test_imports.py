@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, '*.py')))
@@ -41,6 +43,7 @@ def test_no_import_cycles():
         visit(m, [])
 
 
+@pytest.mark.slow
 def test_importing_every_module_does_no_work(tmp_path):
     """No output, no files written, in a fresh interpreter started in an empty folder."""
     code = f'import sys; sys.path.insert(0, {ROOT!r}); ' + '; '.join(f'import {m}' for m in MODULES)

@@ -1,9 +1,12 @@
 """data.py --from_karpathy: Karpathy's split files -> SCAN-style {split}_caps.txt and
 {split}_image_names.txt, checked before anything is written, loadable by PrecompDataset."""
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -41,8 +44,20 @@ def write(tmp_path, obj, name='dataset_flickr30k.json') -> str:
     return str(path)
 
 
-def run(*argv):
-    return subprocess.run([sys.executable, DATA_PY, *argv], capture_output=True, text=True, timeout=300)
+def run(*argv, process: bool = False):
+    """data.py's CLI -> (returncode, stdout, stderr): in this process (fast), or with process=True
+    as a real `python data.py` (the exit status and stderr as a shell sees them)."""
+    if process:
+        return subprocess.run([sys.executable, DATA_PY, *argv], capture_output=True, text=True, timeout=300)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            data.main(list(argv))
+        except SystemExit as e:  # sys.exit('error: ...') prints its message, exit status 1
+            code = e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def lines(folder, name):
@@ -60,7 +75,7 @@ def snapshot(folder) -> dict:
 
 def test_flickr_splits_names_and_folded_captions_through_the_cli(tmp_path):
     proc = run('--from_karpathy', write(tmp_path, flickr()), '--data_path', str(tmp_path / 'out'),
-               '--data_name', 'f30k_precomp')
+               '--data_name', 'f30k_precomp', process=True)
     assert proc.returncode == 0 and proc.stderr == '', proc.stderr
     folder = str(tmp_path / 'out' / 'f30k_precomp')
     assert sorted(os.listdir(folder)) == sorted(f'{s}_{k}.txt' for s in ('train', 'dev', 'test')

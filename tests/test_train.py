@@ -12,7 +12,7 @@ import checkpoint
 import labels
 import train
 import vocab
-from conftest import ROOT, SMALL, train_argv
+from conftest import ROOT, SMALL, TOY_MODEL_BATCH, train_argv
 
 
 def run_train(toy, name, *extra):
@@ -155,13 +155,13 @@ def test_resume_with_another_vocabulary_or_label_set_is_refused(toy, toy_model, 
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(toy, toy_model, tmp_path):
-    good = shutil.copytree(toy_model, tmp_path / 'good')  # the toy model's run (1 epoch, batch 50: 40 iterations)
+    good = shutil.copytree(toy_model, tmp_path / 'good')  # the toy model's run (1 epoch of 2000 pairs)
     before = {f: (good / f).read_bytes() for f in os.listdir(good) if f.endswith('.pth.tar')}
     with pytest.raises(SystemExit) as e:  # an infinite margin makes the very first loss inf
-        train.main(train_argv(toy, good, '--batch_size', 50, '--num_epochs', 2, '--margin', 'inf',
+        train.main(train_argv(toy, good, '--batch_size', TOY_MODEL_BATCH, '--num_epochs', 2, '--margin', 'inf',
                               '--resume', good / 'checkpoint_0.pth.tar'))
     msg = str(e.value.code)
-    assert 'non-finite loss at iteration 41' in msg and 'epoch 1' in msg and str(good) in msg
+    assert f'non-finite loss at iteration {2000 // TOY_MODEL_BATCH + 1}' in msg and 'epoch 1' in msg and str(good) in msg
     after = {f: (good / f).read_bytes() for f in os.listdir(good) if f.endswith('.pth.tar')}
     assert after == before
     assert 'non-finite loss' in (good / 'log' / 'train.log').read_text()
