@@ -73,6 +73,7 @@ def snapshot(folder) -> dict:
                 os.stat(os.path.join(folder, n)).st_mtime_ns) for n in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow  # a real `python data.py` process; the other tests call data.main in this one
 def test_flickr_splits_names_and_folded_captions_through_the_cli(tmp_path):
     proc = run('--from_karpathy', write(tmp_path, flickr()), '--data_path', str(tmp_path / 'out'),
                '--data_name', 'f30k_precomp', process=True)

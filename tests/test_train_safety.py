@@ -374,9 +374,8 @@ def test_a_resume_file_whose_loading_would_run_code_is_refused_and_never_run(toy
             assert msg == (f'error: --resume {path}: refused, it holds Python objects other than tensors and plain '
                            f'containers, and loading those could run code'), msg
         assert not marker.exists(), kind
-    # the payload is live: an unsafe load does run it
-    subprocess.run([sys.executable, '-c', 'import sys, torch; torch.load(sys.argv[1], weights_only=False)',
-                    str(bad['zip'])], env=ENV, check=True, capture_output=True)
+    # the payload is live: an unsafe load does run it (here it only writes the marker file)
+    torch.load(bad['zip'], weights_only=False)
     assert marker.read_text() == 'ran'
 
 
