@@ -25,6 +25,18 @@ def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: end-to-end tests (real captions, toy training); CI runs them')
 
 
+TRAINING_FIXTURES = {'toy_model'}  # and a test module's own, in its TRAINING_FIXTURES
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that trains is slow, and so is every test that needs a fixture that trains (the
+    toy model, or a file's own trained checkpoint): `pytest -m "not slow"` trains nothing."""
+    for item in items:
+        trains = TRAINING_FIXTURES | getattr(item.module, 'TRAINING_FIXTURES', set())
+        if trains & set(getattr(item, 'fixturenames', ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope='session', autouse=True)
 def one_thread():
     """Every model in the tests is tiny: one thread is faster than several, and many times faster

@@ -27,6 +27,8 @@ import vocab as vocab_lib
 from conftest import ROOT, shared_path, train_tiny
 from test_evaluation import authors_checkpoint
 
+TRAINING_FIXTURES = {'world'}  # fixtures that train a model: their tests are slow (conftest)
+
 SIZES = {'train': 40, 'dev': 20, 'test': 20, 'odd': 23, 'four': 4}  # odd, four: no 5 equal folds
 
 

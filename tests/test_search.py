@@ -31,6 +31,8 @@ from model import Config
 from test_cli_safety import help_entries
 from test_report import HOSTILE, check_page, pictures_in, write_image
 
+TRAINING_FIXTURES = {'world'}  # fixtures that train a model: their tests are slow (conftest)
+
 N_IMG, N_CAP = 30, 150  # the toy test split: 30 images, 5 captions each
 SIZES = {'train': 40, 'dev': 10, 'test': N_IMG}
 DUP, OF = 7, 3  # in the 'dup' split, image 7 and its captions are copies of image 3's

@@ -25,6 +25,8 @@ import vocab
 from conftest import ROOT
 from toy import make_toy
 
+TRAINING_FIXTURES = {'earlier'}  # fixtures that train a model: their tests are slow (conftest)
+
 SIZES = {'train': 40, 'dev': 20, 'test': 10, 'testall': 10}  # 200 training captions: 4 batches of 50
 SMALL = ['--img_dim', '64', '--embed_size', '32', '--word_dim', '16', '--num_labels', '20',
          '--label_hidden', '16', '--batch_size', '50', '--workers', '0', '--log_step', '5', '--val_step', '1000']
