@@ -202,9 +202,9 @@ def _karpathy_entry(json_path: str, i: int, entry) -> tuple:
             raise ValueError(f'{where}: {key!r} is not a {kind.__name__}')
     name = posixpath.join(entry['filepath'], entry['filename']) if 'filepath' in entry else entry['filename']
     where += f' ({name!r})'
-    parts = re.split(r'[/\\]', name)
-    if posixpath.isabs(name) or ntpath.isabs(name) or '..' in parts or '' in parts or not name.isprintable():
-        raise ValueError(f"{where}: an image name must be a relative path on one line, without '..' or empty parts")
+    if _name_problem(name, '--image_root') or '' in re.split(r'[/\\]', name):  # read_image_names's rules too
+        raise ValueError(f"{where}: an image name must be a relative path on one line, without '..', empty parts "
+                         f"or surrounding whitespace")
     split = KARPATHY_SPLITS.get(entry['split'])
     if split is None:
         raise ValueError(f"{where} has split {entry['split']!r}: expected one of {', '.join(KARPATHY_SPLITS)}")
@@ -244,9 +244,10 @@ def from_karpathy(json_path: str, data_path: str, data_name: str, overwrite: boo
     splits, seen = {s: ([], []) for s in ('train', 'dev', 'test')}, {}  # split -> (names, captions)
     for i, entry in enumerate(images):
         split, name, caps = _karpathy_entry(json_path, i, entry)
-        if name in seen:
-            raise ValueError(f'{json_path}: images[{seen[name]}] and images[{i}] have the same name {name!r}')
-        seen[name] = i
+        key = posixpath.normpath(name)  # './a.jpg' is 'a.jpg', as read_image_names sees it
+        if key in seen:
+            raise ValueError(f'{json_path}: images[{seen[key]}] and images[{i}] have the same name {name!r}')
+        seen[key] = i
         splits[split][0].append(name)
         splits[split][1].extend(caps)
     if coco:

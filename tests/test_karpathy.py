@@ -151,6 +151,8 @@ BAD = {  # edit of the Flickr file -> what its one error line says (every part)
     'dotdot backslash': (set_name('a\\..\\..\\cc.jpg'), ["images[2] ('a\\\\..", "without '..'"]),
     'line break in name': (set_name('cc\n.jpg'), ["images[2] ('cc\\n.jpg')", 'on one line']),
     'duplicate': (set_name('aa.jpg'), ["images[0] and images[2] have the same name 'aa.jpg'"]),
+    'duplicate as a path': (set_name('./aa.jpg'), ["images[0] and images[2] have the same name './aa.jpg'"]),
+    'surrounding whitespace': (set_name('cc.jpg '), ["images[2] ('cc.jpg ')", 'surrounding whitespace']),
     'no filename': (lambda top: top['images'][2].pop('filename'), ["images[2] has no 'filename'"]),
     'no split': (lambda top: top['images'][2].pop('split'), ["images[2] has no 'split'"]),
     'no sentences': (lambda top: top['images'][2].pop('sentences'), ["images[2] has no 'sentences'"]),
