@@ -23,7 +23,7 @@ import reference
 import search
 import util
 from data import pad_captions
-from model import CASC, Config, Side
+from model import CASC, PRECISIONS, Config, Side
 from vocab import read_captions, tokenize
 
 CAPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'shared', 'data', 'f30k_precomp',
@@ -35,7 +35,7 @@ R, IMG_DIM, VOCAB = 36, 2048, 8481
 def parse_args(argv=None):
     p = util.parser(__doc__)
     p.add_argument('--device', help='cpu | cuda | cuda:N | mps (default: cuda, else mps, else cpu)')
-    p.add_argument('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
     p.add_argument('--n_img', type=util.positive_int, default=1000, help='images of the evaluation (or --search)')
     p.add_argument('--n_cap', type=util.positive_int, default=5000, help='captions of the evaluation')
     p.add_argument('--ref_caps', type=util.positive_int, default=20, help="captions scored by the authors' loop")

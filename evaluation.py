@@ -20,7 +20,7 @@ import util
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_img_dim
 from encode import encode_captions, encode_images, images_slice
-from model import CASC, Config, Side
+from model import CASC, PRECISIONS, Config, Side
 
 BYTES_PER_CELL = 4 * 12  # float32 (pair, region, word) tensors alive at once in cross_attention
 CACHE_CELLS = 1 << 20  # (pair, region, word) cells per chunk: 4 MB tensors stay in cache, ~1.5x faster
@@ -199,7 +199,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     print_metrics(metrics, 'mean of 5 folds: ' if fold5 else '')
     if examples:
         path = report.write_examples(models[0].model, dataset, first_sims, models[0].labels, examples, out,
-                                     image_dir, device)
+                                     image_dir, device, precision)
         print(f'retrieval examples written to {path}')
     return metrics
 
@@ -224,7 +224,7 @@ def parse_args(argv=None):
     p.add_argument('--image_dir', help='images, shown in the report when the split has {split}_image_names.txt '
                                        '(default: none)')
     p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')
-    p.add_argument('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
     p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0,
                    help='memory budget of one scoring chunk, in GB')
     return p.parse_args(argv)
@@ -237,9 +237,7 @@ def main(argv=None):
             return evalrank(args.pop('model_path'), args.pop('data_path'), args.pop('split'), args.pop('fold5'),
                             **args)
         except (OSError, ValueError) as e:
-            message = f'rank {parallel.rank()}: {e}' if parallel.world() > 1 else str(e)
-            parallel.record_error(f'error: {message}')
-            raise ValueError(message) from None
+            raise ValueError(parallel.error_line(e)) from None
         finally:
             parallel.stop()
 

@@ -28,6 +28,7 @@ EPS = 1e-8
 REGION_AXIS, WORD_AXIS = 1, 3
 NORMS = ('clipped_l2norm', 'l2norm', 'clipped_l1norm', 'l1norm', 'clipped', 'softmax', 'no_norm')
 AGGS = ('Mean', 'Max', 'Sum', 'LogSumExp')
+PRECISIONS = ('fp32', 'tf32', 'bf16')  # of the region-word product (region_word_product)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ is inert (one process, world size 1) and `python train.py` runs exactly as befor
 import contextlib
 import datetime
 import json
+import math
 import os
 import re
 import time
@@ -77,16 +78,29 @@ def start(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     elif device.type != 'cpu':
         raise ValueError(f'--device {device}: several processes run on CUDA or on the CPU')
-    seconds = float(os.environ.get('CASC_DIST_TIMEOUT', TIMEOUT_SECONDS))
+    env = os.environ.get('CASC_DIST_TIMEOUT', str(TIMEOUT_SECONDS))
+    try:
+        seconds = float(env)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise ValueError(f'CASC_DIST_TIMEOUT={env!r}: expected a number of seconds > 0')
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
                             timeout=datetime.timedelta(seconds=seconds),
                             device_id=device if device.type == 'cuda' else None)
     return device
 
 
-def record_error(message: str):
-    """Under torchrun, leave this process's one-line error where the launcher looks for it
-    (TORCHELASTIC_ERROR_FILE): its failure report then names the error instead of pointing to its docs."""
+def error_line(e: Exception) -> str:
+    """An error's one line, naming this process's rank when there are several; under torchrun also
+    left where the launcher looks for it (TORCHELASTIC_ERROR_FILE), so that its failure report names
+    the error instead of pointing to its docs."""
+    message = f'rank {rank()}: {e}' if world() > 1 else str(e)
+    _record_error(f'error: {message}')
+    return message
+
+
+def _record_error(message: str):
     path = os.environ.get('TORCHELASTIC_ERROR_FILE')
     if path and not os.path.exists(path):
         with open(path, 'w', encoding='utf-8') as f:
@@ -103,6 +117,13 @@ def shares(n: int, parts: int) -> list:
     """Sizes of n items split into `parts` contiguous shares as evenly as possible (the first
     n % parts shares one larger)."""
     return [n // parts + (p < n % parts) for p in range(parts)]
+
+
+def share(n: int, parts: int, part: int) -> slice:
+    """Share number `part` of n items split as `shares` does."""
+    sizes = shares(n, parts)
+    start = sum(sizes[:part])
+    return slice(start, start + sizes[part])
 
 
 class GlobalBatchSampler(Sampler):
@@ -129,8 +150,7 @@ class GlobalBatchSampler(Sampler):
     def __iter__(self):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         for batch in perm.split(self.batch_size):
-            start = sum(shares(len(batch), self.world)[:self.rank])
-            yield batch[start:start + shares(len(batch), self.world)[self.rank]].tolist()
+            yield batch[share(len(batch), self.world, self.rank)].tolist()
 
 
 def _sizes(x: Tensor) -> Tensor:

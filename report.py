@@ -271,10 +271,11 @@ def _top(scores: torch.Tensor, k: int) -> list:
 
 
 def write_examples(model, dataset, sims: torch.Tensor, label_words, n: int, out_dir: str,
-                   image_dir=None, device='cpu') -> str:
+                   image_dir=None, device='cpu', precision: str = 'fp32') -> str:
     """sims (n_img, n_cap) of the dataset's first n_img images -> path of DIR/examples.html: n
     query images with their top-3 sentences and predicted labels, n query sentences with their
-    top-5 images, the top one with the heat maps of where each word looks."""
+    top-5 images, the top one with the heat maps of where each word looks (in `precision`, as
+    the scores were)."""
     n_img, n_cap = sims.shape
     im_div, caps, R = dataset.im_div, dataset.raw_captions, dataset.images.shape[1]
     names = image_names(dataset, image_dir)
@@ -298,7 +299,7 @@ def write_examples(model, dataset, sims: torch.Tensor, label_words, n: int, out_
             for r, i in enumerate(top, 1)]}
         img = encode_images(model, dataset.images[top[0]:top[0] + 1], device=device)
         cap = encode_captions(model, [dataset.captions[j]], device=device)[0][1]
-        extras = {1: pics.heatmaps(f's{q}_r1', top[0], dataset.tokens[j], pair_attention(model, img, cap))}
+        extras = {1: pics.heatmaps(f's{q}_r1', top[0], dataset.tokens[j], pair_attention(model, img, cap, precision))}
         body.append(text_query_html(pics, res, lambda i: caps[i * im_div:(i + 1) * im_div], f'Sentence {j}', extras))
     title = f'Retrieval examples: {dataset.split} split, {n_img} images x {n_cap} captions'
     return write_page(os.path.join(out_dir, 'examples.html'), title, body)

@@ -30,10 +30,9 @@ from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_image_names, check_img_dim, read_image_names
 from encode import encode_captions, encode_images, images_slice
 from evaluation import plan_chunks
-from model import CASC, Side
+from model import CASC, PRECISIONS, Side
 from vocab import encode, too_long, tokenize
 
-PRECISIONS = ('fp32', 'tf32', 'bf16')
 # Text queries are encoded and scored in batches of this many, sorted by length: queries come in any
 # lengths, and small batches pad less (100 queries of Flickr30K's caption lengths over 1,000 images on
 # the 2-core dev VM: 14k pairs/s in batches of 128, 21k in batches of 16).

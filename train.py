@@ -28,7 +28,7 @@ import evaluation
 import labels as labels_lib
 import parallel
 import util
-from model import CASC, Config
+from model import CASC, PRECISIONS, Config
 from vocab import deserialize_vocab
 
 log = logging.getLogger('casc')
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     flag('--alpha', type=util.nonneg_float, default=0.8, help='weight of the local score in validation')
     flag('--seed', type=int, default=0, help='seeds the weights and the shuffle')
     flag('--device', help='cuda | cuda:N | cpu | mps (default: cuda when present, else mps, else cpu)')
-    flag('--precision', default='fp32', choices=('fp32', 'tf32', 'bf16'), help='of the region-word product')
+    flag('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
     flag('--eval_memory_gb', type=pos_float, default=2.0, help='memory budget of validation chunks, in GB')
     return p.parse_args(argv)
 
@@ -123,8 +123,7 @@ def set_lr(opts, epoch, args):
 def validate(model, val_set, args, device, writer, step):
     """-> rsum on the validation set (every process scores its share; rank 0 logs)."""
     sims, seconds = evaluation.evaluate_arrays(model, val_set.images, val_set.captions, device,
-                                               args.eval_memory_gb, args.alpha, args.precision,
-                                               progress=parallel.is_main(), log=log.info)
+                                               args.eval_memory_gb, args.alpha, args.precision, log=log.info)
     metrics = parallel.broadcast(evaluation.recall_metrics(sims, val_set.im_div) if parallel.is_main() else None)
     log.info('validation (%.1f s): %s', seconds, ' '.join(f'{k} {v:.1f}' for k, v in metrics.items()))
     for k, v in metrics.items():
@@ -144,7 +143,7 @@ def train_one_epoch(model, opts, loader, pos_weight, args, state, writer, on_val
     model.train()
     device = pos_weight.device if pos_weight is not None else next(model.parameters()).device
     groups = [[p for g in opt.param_groups for p in g['params']] for opt in opts]
-    bar = util.progress(loader, desc=f'epoch {state["epoch"]}', unit='batch', log=log.info, enabled=parallel.is_main())
+    bar = util.progress(loader, desc=f'epoch {state["epoch"]}', unit='batch', log=log.info)  # rank 0's alone
     for images, captions, lengths, targets, _, _ in bar:
         t0 = time.perf_counter()
         images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
@@ -248,19 +247,18 @@ def run(args, saved: list):
         checkpoint.check_resume(ckpt, args.resume, cfg, vocab, vocab_file(args), label_words)
     data.check_img_dim(args.data_path, args.data_name, ('train', 'dev'), args.img_dim)
     with contextlib.ExitStack() as held:
-        if not main:  # only rank 0 holds the folders and writes to them
-            train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
-                                                        args.workers, label_words or None, device.type == 'cuda',
-                                                        args.seed)
-            return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader,
-                       _NoWriter(), saved)
-        for folder, flag in ((args.model_name, '--model_name'), (args.logger_name, '--logger_name')):
-            if flag == '--model_name' or os.path.realpath(folder) != os.path.realpath(args.model_name):
-                held.enter_context(util.FolderLock(folder, flag))
-        stale = check_earlier_run(args, ckpt['epoch'] if ckpt else 0)
+        stale = []
+        if main:  # only rank 0 holds the folders and writes to them
+            for folder, flag in ((args.model_name, '--model_name'), (args.logger_name, '--logger_name')):
+                if flag == '--model_name' or os.path.realpath(folder) != os.path.realpath(args.model_name):
+                    held.enter_context(util.FolderLock(folder, flag))
+            stale = check_earlier_run(args, ckpt['epoch'] if ckpt else 0)
         train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
                                                     args.workers, label_words or None, device.type == 'cuda',
                                                     args.seed)
+        if not main:
+            return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader,
+                       _NoWriter(), saved)
         for path in stale:  # only now: a run that fails to start leaves the earlier one as it was
             os.remove(path)
         # A run killed while writing a checkpoint (SIGKILL, power loss) leaves its temporary file;
@@ -363,9 +361,7 @@ def main(argv=None):
             state = run(args, saved)
         except (OSError, ValueError, FloatingPointError) as e:
             close_logging(f'error: {e}')
-            message = f'rank {parallel.rank()}: {e}' if parallel.world() > 1 else str(e)
-            parallel.record_error(f'error: {message}')
-            raise ValueError(message) from None
+            raise ValueError(parallel.error_line(e)) from None
         finally:
             parallel.stop()
         close_logging()

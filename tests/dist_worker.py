@@ -43,11 +43,9 @@ def step(model, images, captions, lengths, targets, pos_weight, gather=None):
 def grads(path):
     parallel.start(torch.device('cpu'))
     model, images, captions, lengths, targets, pos_weight = global_batch()
-    n = parallel.shares(B, parallel.world())[parallel.rank()]
-    s = sum(parallel.shares(B, parallel.world())[:parallel.rank()])
-    mine = slice(s, s + n)
+    mine = parallel.share(B, parallel.world(), parallel.rank())
     loss, g = step(model, images[mine], captions[mine], lengths[mine], targets[mine], pos_weight,
-                   parallel.Gather(n, 'cpu'))
+                   parallel.Gather(mine.stop - mine.start, 'cpu'))
     if parallel.is_main():
         torch.save({'loss': loss, 'grads': g}, path)
     parallel.stop()

@@ -40,12 +40,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp('safety')
     data_path, vocab_path = root / 'data', root / 'vocab'
     toy.make_toy(str(data_path), sizes=SIZES)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is ~3x faster on a busy 2-core machine
-    try:
-        train_tiny(data_path, vocab_path, root / 'A')
-    finally:
-        torch.set_num_threads(threads)
+    train_tiny(data_path, vocab_path, root / 'A')
     vocab = vocab_lib.deserialize_vocab(str(vocab_path / 'toy_precomp_vocab.json'))
     return SimpleNamespace(root=root, data=str(data_path), vocab_path=str(vocab_path), vocab=vocab,
                            ckpt=str(root / 'A' / 'checkpoint_0.pth.tar'))

@@ -209,3 +209,12 @@ def test_indivisible_batch_is_one_line_under_torchrun(runs, tmp_path):
     assert result.returncode != 0
     assert 'error: rank 0: --batch_size 63: not divisible by the 2 processes' in result.stderr
     assert 'Traceback' not in result.stderr.split('error: rank')[0]
+
+
+@pytest.mark.parametrize('value', ['ten', '0', 'nan'])
+def test_a_bad_timeout_is_one_line_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv('RANK', '0'), monkeypatch.setenv('WORLD_SIZE', '1')
+    monkeypatch.setenv('CASC_DIST_TIMEOUT', value)
+    with pytest.raises(ValueError, match=rf"CASC_DIST_TIMEOUT='{value}': expected a number of seconds > 0"):
+        parallel.start(torch.device('cpu'))
+    assert parallel.world() == 1  # no process group was joined

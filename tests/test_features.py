@@ -56,16 +56,6 @@ def make_images(root):
     return root
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One thread: on a busy 2-core machine ResNet-152 at 64x64 runs ~10x faster than with two, and
-    the killed subprocess uses one too (the thread count can change the last bits of a convolution)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def argv(data_path, name, image_root, *extra):
     return ['--data_path', str(data_path), '--data_name', name, '--split', 'test', '--image_root', str(image_root),
             '--weights', 'none', '--image_size', '64', '--workers', '0', '--device', 'cpu', *extra]

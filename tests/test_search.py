@@ -40,15 +40,6 @@ DUP, OF = 7, 3  # in the 'dup' split, image 7 and its captions are copies of ima
 
 # ---------------------------------------------------------------- the toy world
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """A tiny model: one thread is faster, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
     """Toy data, its vocabulary and 10 labels, one checkpoint (1 epoch); the test split (no image

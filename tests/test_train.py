@@ -119,18 +119,20 @@ def test_learning_rates_follow_the_schedule():
 def test_missing_vocab_or_labels_give_one_line_errors(toy, tmp_path):
     base = ['--data_path', toy.data, '--data_name', 'toy_precomp', '--logger_name', str(tmp_path / 'l'),
             '--model_name', str(tmp_path / 'm')] + SMALL
-    with pytest.raises(SystemExit) as e:
-        train.main(base + ['--vocab_path', str(tmp_path / 'nowhere')])
-    assert 'toy_precomp_vocab.json' in str(e.value.code) and '\n' not in str(e.value.code)
+
+    def one_line(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            train.main(base + list(argv))
+        msg = e.value.code
+        assert isinstance(msg, str) and msg.startswith('error: ') and '\n' not in msg, msg
+        return msg
+
+    assert 'toy_precomp_vocab.json' in one_line('--vocab_path', str(tmp_path / 'nowhere'))
     os.makedirs(tmp_path / 'v')
     vocab.serialize_vocab(vocab.deserialize_vocab(os.path.join(toy.vocab_path, 'toy_precomp_vocab.json')),
                           str(tmp_path / 'v' / 'toy_precomp_vocab.json'))
-    with pytest.raises(SystemExit) as e:
-        train.main(base + ['--vocab_path', str(tmp_path / 'v')])
-    assert 'toy_precomp_labels.json' in str(e.value.code)
-    with pytest.raises(SystemExit) as e:
-        train.main(base + ['--vocab_path', toy.vocab_path, '--num_labels', '999'])
-    assert '--num_labels 999' in str(e.value.code)
+    assert 'toy_precomp_labels.json' in one_line('--vocab_path', str(tmp_path / 'v'))
+    assert '--num_labels 999' in one_line('--vocab_path', toy.vocab_path, '--num_labels', '999')
 
 
 def test_resume_with_another_vocabulary_or_label_set_is_refused(toy, toy_model, tmp_path):

@@ -56,8 +56,6 @@ class Toy:
 @pytest.fixture(scope='module')
 def toy(tmp_path_factory):
     """Toy data, its vocabulary and labels, and two copies whose train_caps.txt line 7 is broken."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see ENV
     root = tmp_path_factory.mktemp('safety')
     t = Toy(root)
     make_toy(str(t.data), sizes=SIZES)
@@ -70,8 +68,7 @@ def toy(tmp_path_factory):
         lines = t.caps(kind).read_bytes().splitlines(keepends=True)
         lines[6] = line
         t.caps(kind).write_bytes(b''.join(lines))
-    yield t
-    torch.set_num_threads(threads)
+    return t
 
 
 @pytest.fixture(scope='module')
