@@ -134,6 +134,20 @@ def _check_folds(n_images: int, split: str, fold5: bool):
                          f'equal folds (COCO\'s testall has 5,000)')
 
 
+def check_memory_budget(eval_memory_gb: float):
+    if not (eval_memory_gb > 0 and np.isfinite(eval_memory_gb)):
+        raise ValueError(f'--eval_memory_gb {eval_memory_gb}: expected a positive number')
+
+
+def check_model_fits(model: CASC, path: str, alpha, data_path: str, data_name: str, split: str):
+    """ValueError now, not after scoring, when the checkpoint at `path` cannot score the split as asked:
+    no label head for the CASC score (alpha != 1), or features of another width than its img_dim."""
+    if model.head is None and (model.cfg.alpha if alpha is None else alpha) != 1.0:
+        raise ValueError(f'{path} has no label head, so the CASC score cannot be computed: '
+                         f'pass --alpha 1 for the local score alone')
+    check_img_dim(data_path, data_name, [split], model.cfg.img_dim, f'{path} (img_dim {model.cfg.img_dim})')
+
+
 def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: bool = False, *,
              model_path2: str = None, data_name: str = None, vocab_path: str = None, alpha: float = None,
              cross_attn: str = None, save_sims: str = None, device: str = None, precision: str = 'fp32',
@@ -142,8 +156,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     return the metrics. Every input and output is checked before any scoring work. Under
     torchrun the processes share the scoring; rank 0 prints, writes and returns the metrics
     (the others return None)."""
-    if not (eval_memory_gb > 0 and np.isfinite(eval_memory_gb)):
-        raise ValueError(f'--eval_memory_gb {eval_memory_gb}: expected a positive number')
+    check_memory_budget(eval_memory_gb)
     for path in _fold_paths(save_sims, 5 if fold5 else 1):  # every file written, not only FILE.npy
         if path:
             util.check_writable(path, '--save_sims')
@@ -162,11 +175,8 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     vocabs = [model_vocab(m, p, vocab_path, data_name) for m, p in zip(models, paths)]
     if len(vocabs) == 2 and vocabs[0].words() != vocabs[1].words():
         raise ValueError(f'{paths[0]} and {paths[1]} were trained with different vocabularies: no ensemble')
-    for (model, _, _, _), path in zip(models, paths):
-        if model.head is None and (model.cfg.alpha if alpha is None else alpha) != 1.0:
-            raise ValueError(f'{path} has no label head, so the CASC score cannot be computed: '
-                             f'pass --alpha 1 for the local score alone')
-        check_img_dim(data_path, data_name, [split], model.cfg.img_dim, f'{path} (img_dim {model.cfg.img_dim})')
+    for loaded, path in zip(models, paths):
+        check_model_fits(loaded.model, path, alpha, data_path, data_name, split)
     dataset = PrecompDataset(data_path, data_name, split, vocabs[0])
     _check_folds(dataset.n_images, split, fold5)
     if examples:

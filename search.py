@@ -27,9 +27,9 @@ from torch import Tensor
 import report
 import util
 from checkpoint import load_model, model_vocab
-from data import PrecompDataset, check_image_names, check_img_dim, read_image_names
+from data import PrecompDataset, check_image_names, read_image_names
 from encode import encode_captions, encode_images, images_slice
-from evaluation import plan_chunks
+from evaluation import check_memory_budget, check_model_fits, plan_chunks
 from model import CASC, PRECISIONS, Side
 from vocab import encode, too_long, tokenize
 
@@ -145,20 +145,16 @@ class Searcher:
     def __init__(self, model_path: str, data_path: str = None, split: str = 'test', data_name: str = None,
                  vocab_path: str = None, device=None, precision: str = 'fp32', eval_memory_gb: float = 2.0,
                  alpha: float = None):
-        if not (eval_memory_gb > 0 and np.isfinite(eval_memory_gb)):
-            raise ValueError(f'--eval_memory_gb {eval_memory_gb}: expected a positive number')
+        check_memory_budget(eval_memory_gb)
         if precision not in PRECISIONS:
             raise ValueError(f'--precision {precision!r}: expected one of {", ".join(PRECISIONS)}')
         self.device = util.pick_device(device)
         util.set_precision(precision)
         loaded = load_model(model_path, self.device)
-        self.model, cfg = loaded.model, loaded.model.cfg
+        self.model = loaded.model
         data_name, data_path = data_name or loaded.opt['data_name'], data_path or loaded.opt['data_path']
         self.vocab, self.labels = model_vocab(loaded, model_path, vocab_path, data_name), loaded.labels
-        if self.model.head is None and (cfg.alpha if alpha is None else alpha) != 1.0:
-            raise ValueError(f'{model_path} has no label head, so the CASC score cannot be computed: '
-                             f'pass --alpha 1 for the local score alone')
-        check_img_dim(data_path, data_name, [split], cfg.img_dim, f'{model_path} (img_dim {cfg.img_dim})')
+        check_model_fits(self.model, model_path, alpha, data_path, data_name, split)
         self.dataset = PrecompDataset(data_path, data_name, split, self.vocab)
         self.names_path = report.names_path(self.dataset)  # read here once, checked as data.read_image_names
         self.names = (read_image_names(self.names_path, self.dataset.n_images)
