@@ -14,6 +14,8 @@ import train
 import vocab
 from conftest import ROOT, SMALL, TOY_MODEL_BATCH, train_argv
 
+TRAINING_FIXTURES = {'first'}  # fixtures that train a model: their tests are slow (conftest)
+
 
 def run_train(toy, name, *extra):
     """train.main on the toy data (conftest) with the SMALL model, into toy.root/name -> (that folder, state)."""
@@ -23,6 +25,13 @@ def run_train(toy, name, *extra):
 
 def load(path):
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def first(toy):
+    """One epoch (20 iterations, validated every 7 and at the end): the run that the checkpoint, log
+    and resume tests read."""
+    return run_train(toy, 'first', '--num_epochs', '1', '--val_step', '7')[0]
 
 
 @pytest.mark.slow
@@ -36,8 +45,8 @@ def test_training_on_toy_data_learns(toy):
 
 
 @pytest.mark.slow
-def test_checkpoint_holds_everything_and_loads_in_a_fresh_process(toy):
-    out, _ = run_train(toy, 'ckpt', '--num_epochs', '1', '--val_step', '4')
+def test_checkpoint_holds_everything_and_loads_in_a_fresh_process(toy, first):
+    out = first
     path = out / 'checkpoint_0.pth.tar'
     ckpt = load(path)
     assert set(ckpt) >= {'model', 'optimizers', 'epoch', 'Eiters', 'best_rsum', 'opt', 'vocab_size', 'labels'}
@@ -55,10 +64,9 @@ def test_checkpoint_holds_everything_and_loads_in_a_fresh_process(toy):
 
 
 @pytest.mark.slow
-def test_resume_is_exact(toy):
+def test_resume_is_exact(toy, first):
     """2 epochs in one run == 1 epoch, then a resumed second epoch: the same weights, bit for bit."""
     straight, _ = run_train(toy, 'straight', '--num_epochs', '2', '--val_step', '7')
-    first, _ = run_train(toy, 'first', '--num_epochs', '1', '--val_step', '7')
     resumed, state = run_train(toy, 'resumed', '--num_epochs', '2', '--val_step', '7',
                                '--resume', str(first / 'checkpoint_0.pth.tar'))
     a, b = load(straight / 'checkpoint_1.pth.tar'), load(resumed / 'checkpoint_1.pth.tar')
@@ -70,9 +78,9 @@ def test_resume_is_exact(toy):
 
 
 @pytest.mark.slow
-def test_tensorboard_and_text_logs_are_written(toy):
+def test_tensorboard_and_text_logs_are_written(first):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out, _ = run_train(toy, 'logs', '--num_epochs', '1', '--val_step', '1000')
+    out = first
     events = EventAccumulator(str(out / 'log'))
     events.Reload()
     tags = set(events.Tags()['scalars'])
