@@ -34,23 +34,29 @@ def save(state: dict, path: str, best_path: str = None):
             util.atomic_write(second, lambda f: shutil.copyfileobj(src, f))
 
 
-def read(path: str, flag: str = '--model_path') -> dict:
-    """torch.load(weights_only=True), with one line naming the flag and file when the file is
-    missing, truncated, not a checkpoint, or holds objects whose loading could run code."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{flag} {path}: checkpoint not found')
+def safe_load(path: str, flag: str, what: str = 'readable PyTorch checkpoint'):
+    """torch.load(weights_only=True) of an existing file, with one line naming the flag and file when
+    it is truncated, not a `what`, or holds objects whose loading could run code."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():  # the authors' opt
             # a plain pickle (protocol 4+) draws torch's advice to file an issue: noise before our one line
             warnings.filterwarnings('ignore', 'Detected pickle protocol', UserWarning)
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'GLOBAL' in str(e):  # torch's advice to drop weights_only is deliberately not passed on
             raise ValueError(f'{flag} {path}: refused, it holds Python objects other than tensors and '
                              f'plain containers, and loading those could run code') from None
-        raise ValueError(f'{flag} {path}: not a readable PyTorch checkpoint (corrupt, or another kind of file)') from None
+        raise ValueError(f'{flag} {path}: not a {what} (corrupt, or another kind of file)') from None
     except Exception:  # a truncated zip, an empty file, ...
-        raise ValueError(f'{flag} {path}: not a readable PyTorch checkpoint (truncated or corrupt)') from None
+        raise ValueError(f'{flag} {path}: not a {what} (truncated or corrupt)') from None
+
+
+def read(path: str, flag: str = '--model_path') -> dict:
+    """safe_load of a CASC/SCAN checkpoint: one line naming the flag and file when the file is
+    missing, truncated, not a checkpoint, or holds objects whose loading could run code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{flag} {path}: checkpoint not found')
+    ckpt = safe_load(path, flag)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), (dict, list))
             and isinstance(ckpt.get('opt'), (dict, argparse.Namespace))):
         raise ValueError(f'{flag} {path}: not a readable CASC/SCAN checkpoint (no model weights and options)')

@@ -15,7 +15,6 @@ an uninterrupted run's bit for bit (on the same machine: the thread count can ch
 import hashlib
 import json
 import os
-import pickle
 import sys
 import time
 
@@ -27,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+import checkpoint
 import util
 from data import check_image_names, read_image_names
 
@@ -124,15 +124,7 @@ def _state_dict(weights: str, published, flag: str) -> dict:
                              f'offline, download it elsewhere and pass {flag} FILE') from None
     if not os.path.isfile(weights):
         raise ValueError(f'{flag} {weights}: no such file')
-    try:
-        return torch.load(weights, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's advice to drop weights_only is not passed on
-        if 'GLOBAL' in str(e):
-            raise ValueError(f'{flag} {weights}: refused, it holds Python objects other than tensors, and '
-                             f'loading those could run code') from None
-        raise ValueError(f'{flag} {weights}: not a PyTorch state_dict file (corrupt, or another kind of file)') from None
-    except Exception:  # a truncated zip, an empty file, ...
-        raise ValueError(f'{flag} {weights}: not a PyTorch state_dict file (truncated or corrupt)') from None
+    return checkpoint.safe_load(weights, flag, 'PyTorch state_dict file')
 
 
 def load_weights(model: nn.Module, weights: str, published, flag: str) -> nn.Module:
