@@ -142,11 +142,10 @@ def collate_fn(batch):
 
 
 def _loader(dataset, batch_size, workers, pin_memory, batch_sampler=None):
-    if batch_sampler is not None:
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
-                          persistent_workers=workers > 0, collate_fn=collate_fn)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, collate_fn=collate_fn)
+    """In file order in batches of batch_size, or in the batches of batch_sampler."""
+    batching = {'batch_sampler': batch_sampler} if batch_sampler is not None else {'batch_size': batch_size, 'shuffle': False}
+    return DataLoader(dataset, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                      collate_fn=collate_fn, **batching)
 
 
 def get_loaders(data_path, data_name, vocab, batch_size, workers, labels=None, pin_memory=False, seed=0):
