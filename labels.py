@@ -115,17 +115,20 @@ def caps_per_image(data_dir: str, split: str, n_cap: int) -> int:
 
 
 def build_labels(data_path: str, data_name: str, num_labels: int = 500, splits=('train', 'dev')) -> dict:
-    """Top ``num_labels`` nouns of ``splits``' captions, most frequent first (ties alphabetical),
-    their counts, and pos_weight (K,) over the first split's image targets."""
+    """Top ``num_labels`` nouns of ``splits``' captions (all of them when there are fewer), most
+    frequent first (ties alphabetical), their counts, and pos_weight (K,) over the first split's
+    image targets."""
     data_dir = os.path.join(data_path, data_name)
     token_lists = {}
     for split in splits:
         caps = read_captions(os.path.join(data_dir, f'{split}_caps.txt'))
         token_lists[split] = tokenize_all(caps, f'tokenizing {split}')
     counts = noun_counts([t for split in splits for t in token_lists[split]])
-    if not 0 < num_labels <= len(counts):
-        raise ValueError(f'--num_labels {num_labels}: the captions have {len(counts)} distinct nouns, '
-                         f'ask for 1 to {len(counts)} labels')
+    if num_labels < 1:
+        raise ValueError(f'--num_labels {num_labels}: need at least 1 label')
+    if not counts:
+        raise ValueError(f'{data_dir}: no nouns in the {" and ".join(splits)} captions, so no labels '
+                         f'(train.py --num_labels 0 trains without them)')
     top = sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[:num_labels]
     labels = [w for w, _ in top]
     train = token_lists[splits[0]]
@@ -162,7 +165,9 @@ def parse_args(argv=None):
     p.add_argument('--data_path', required=True, help='folder holding {data_name}/{train,dev}_caps.txt')
     p.add_argument('--data_name', default='f30k_precomp', help='dataset folder name')
     p.add_argument('--vocab_path', default='vocab', help='output folder of {data_name}_labels.json')
-    p.add_argument('--num_labels', type=util.positive_int, default=500, help='K, the number of labels')
+    p.add_argument('--num_labels', type=util.positive_int, default=500,
+                   help='K, the most labels: the K most frequent nouns, or all of them (said so) when the '
+                        'captions have fewer (train.py then uses them all)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing labels file with other contents')
     return p.parse_args(argv)
 
@@ -175,6 +180,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         d = build_labels(args.data_path, args.data_name, args.num_labels)
         secs = time.perf_counter() - t0
+        if len(d['labels']) < args.num_labels:
+            print(f'only {len(d["labels"])} nouns in the {" and ".join(d["splits"])} captions, fewer than '
+                  f'--num_labels {args.num_labels}: using all {len(d["labels"])} as labels')
         n_cap = sum(len(read_captions(os.path.join(args.data_path, args.data_name, f'{split}_caps.txt')))
                     for split in d['splits'])
         if not args.overwrite and util.already_written(out, lambda path: load_labels(path) == d, 'other labels'):

@@ -87,14 +87,19 @@ def parse_args(argv=None):
 
 
 def load_vocab_and_labels(args):
-    """-> (vocab, label words, pos_weight) for args.data_name, or ValueError/OSError naming the file."""
+    """-> (vocab, label words, pos_weight) for args.data_name, or ValueError/OSError naming the file.
+    A labels file with fewer than --num_labels labels (labels.py on a small caption set) gives them
+    all, said so, and args.num_labels becomes their number (the head's K, stored in checkpoints)."""
     vocab = deserialize_vocab(vocab_file(args))
     if not args.num_labels:
         return vocab, [], None
     path = os.path.join(args.vocab_path, f'{args.data_name}_labels.json')
     lab = labels_lib.load_labels(path)
     if args.num_labels > len(lab['labels']):
-        raise ValueError(f'--num_labels {args.num_labels}: {path} has only {len(lab["labels"])} labels')
+        if parallel.is_main():
+            print(f'{path} holds {len(lab["labels"])} labels, fewer than --num_labels {args.num_labels}: '
+                  f'using all {len(lab["labels"])}', flush=True)
+        args.num_labels = len(lab['labels'])
     return vocab, lab['labels'][:args.num_labels], torch.tensor(lab['pos_weight'][:args.num_labels])
 
 

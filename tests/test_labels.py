@@ -9,6 +9,7 @@ import pytest
 from test_vocab import caption_folder
 
 import labels as LB
+from vocab import main as vocab_main
 from vocab import read_captions, tokenize
 
 
@@ -77,14 +78,63 @@ def test_caps_per_image_reads_the_feature_count(tmp_path):
         LB.caps_per_image(str(tmp_path), 'dev', 14)
 
 
-def test_more_labels_than_nouns_names_the_flag(tmp_path):
+def test_more_labels_than_nouns_gives_all_nouns_and_none_is_refused(tmp_path):
     os.makedirs(tmp_path / 'toy')
     for split in ('train', 'dev'):
         (tmp_path / 'toy' / f'{split}_caps.txt').write_text('a dog on the grass .\n' * 5, encoding='utf-8')
-    assert LB.build_labels(str(tmp_path), 'toy', num_labels=2)['labels'] == ['dog', 'grass']
-    for k in (3, 0):
-        with pytest.raises(ValueError, match=f'--num_labels {k}: .* 2 distinct nouns'):
-            LB.build_labels(str(tmp_path), 'toy', num_labels=k)
+    assert LB.build_labels(str(tmp_path), 'toy', num_labels=1)['labels'] == ['dog']
+    assert LB.build_labels(str(tmp_path), 'toy', num_labels=3)['labels'] == ['dog', 'grass']
+    with pytest.raises(ValueError, match='^--num_labels 0: need at least 1 label$'):
+        LB.build_labels(str(tmp_path), 'toy', num_labels=0)
+    for split in ('train', 'dev'):
+        (tmp_path / 'toy' / f'{split}_caps.txt').write_text('it is so .\n' * 5, encoding='utf-8')
+    with pytest.raises(ValueError, match='toy: no nouns in the train and dev captions.*--num_labels 0'):
+        LB.build_labels(str(tmp_path), 'toy')
+
+
+@pytest.fixture(scope='module')
+def small(tmp_path_factory):
+    """A new user's small set: the first 18 images of the real dev and test captions (90 lines each),
+    its vocabulary, and its nouns counted independently with NLTK's public pos_tag_sents."""
+    import nltk
+    from nltk.corpus import stopwords
+    root = caption_folder(tmp_path_factory.mktemp('small'), n=90)
+    LB.use_shipped_nltk()
+    stop = set(stopwords.words('english'))
+    sents = [tokenize(c) for s in ('train', 'dev') for c in read_captions(str(root / 'f30k' / f'{s}_caps.txt'))]
+    nouns = {w for sent in nltk.pos_tag_sents(sents) for w, tag in sent if tag.startswith('NN') and w not in stop}
+    vocab_main(['--data_path', str(root), '--data_name', 'f30k', '--vocab_path', str(root / 'vocab')])
+    return root, nouns
+
+
+def test_default_num_labels_on_a_small_real_set_uses_all_nouns_and_says_so(small, capsys):
+    root, nouns = small
+    assert 100 < len(nouns) < 500  # fewer than the default --num_labels
+    out = LB.main(['--data_path', str(root), '--data_name', 'f30k', '--vocab_path', str(root / 'vocab')])
+    d = LB.load_labels(out)
+    assert set(d['labels']) == nouns and len(d['pos_weight']) == len(nouns) and d['num_images'] == 18
+    printed = capsys.readouterr().out
+    assert (f'only {len(nouns)} nouns in the train and dev captions, fewer than --num_labels 500: '
+            f'using all {len(nouns)} as labels') in printed
+    assert f'{len(nouns)} labels written to {out}' in printed
+
+
+def test_train_with_its_default_num_labels_takes_a_smaller_labels_file(small, capsys):
+    """The README's own-images commands, as written: labels.py and train.py, both without --num_labels."""
+    import train
+    root, nouns = small
+    LB.main(['--data_path', str(root), '--data_name', 'f30k', '--vocab_path', str(root / 'vocab')])
+    capsys.readouterr()
+    args = train.parse_args(['--data_path', str(root), '--data_name', 'f30k', '--vocab_path', str(root / 'vocab')])
+    assert args.num_labels == 500
+    vocab, words, pos_weight = train.load_vocab_and_labels(args)
+    path = os.path.join(str(root / 'vocab'), 'f30k_labels.json')
+    assert words == LB.load_labels(path)['labels'] and pos_weight.shape == (len(nouns),)
+    assert args.num_labels == len(nouns)  # the head's K, as the checkpoint will record it
+    assert f'{path} holds {len(nouns)} labels, fewer than --num_labels 500: using all {len(nouns)}' in capsys.readouterr().out
+    args = train.parse_args(['--data_path', str(root), '--data_name', 'f30k', '--vocab_path', str(root / 'vocab'),
+                             '--num_labels', '7'])
+    assert train.load_vocab_and_labels(args)[1] == words[:7] and args.num_labels == 7
 
 
 def test_save_load_round_trip(tmp_path):
@@ -117,8 +167,10 @@ def test_cli_writes_the_labels_json(tmp_path, capsys):
     assert sorted(d) == sorted(LB.KEYS) and len(d['labels']) == len(d['pos_weight']) == 20
     assert d['num_images'] == 40
     assert '20 labels written' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match='^error: --num_labels 100000: '):
-        LB.main(argv + ['--num_labels', '100000'])
+    LB.main(argv + ['--num_labels', '100000', '--overwrite'])
+    with open(out) as f:
+        n = len(json.load(f)['labels'])
+    assert 20 < n < 100000 and f'fewer than --num_labels 100000: using all {n} as labels' in capsys.readouterr().out
 
 
 def test_ensure_nltk_offline_raises_one_clear_line(tmp_path, monkeypatch, capsys):
