@@ -163,14 +163,21 @@ def deserialize_vocab(path: str) -> Vocabulary:
     return vocab
 
 
-def build_vocab(data_path: str, data_name: str, threshold: int = 4,
-                splits=('train', 'dev')) -> Vocabulary:
-    """Count tokens over ``splits``' captions; keep words with count >= threshold after the specials."""
+def count_words(data_path: str, data_name: str, splits=('train', 'dev')) -> Counter:
+    """Token counts over ``splits``' captions."""
     counter = Counter()
     for split in splits:
         path = os.path.join(data_path, data_name, f'{split}_caps.txt')
         for tokens in tokenize_all(read_captions(path), f'tokenizing {split}'):
             counter.update(tokens)
+    return counter
+
+
+def build_vocab(data_path: str, data_name: str, threshold: int = 4,
+                splits=('train', 'dev'), counter: Counter = None) -> Vocabulary:
+    """Count tokens over ``splits``' captions (or take ``counter``); keep words with count >=
+    threshold after the specials."""
+    counter = count_words(data_path, data_name, splits) if counter is None else counter
     vocab = Vocabulary()
     for w in SPECIALS:
         vocab.add_word(w)
@@ -181,12 +188,25 @@ def build_vocab(data_path: str, data_name: str, threshold: int = 4,
     return vocab
 
 
+def dropped_words(counter: Counter, threshold: int, examples: int = 5) -> str:
+    """'' when no word is seen fewer than ``threshold`` times, else one line: how many are, the most
+    frequent of them, and the flag that keeps them."""
+    dropped = sorted(((w, c) for w, c in counter.items() if c < threshold), key=lambda wc: (-wc[1], wc[0]))
+    if not dropped:
+        return ''
+    top = ', '.join(f'{w} ({c})' for w, c in dropped[:examples])
+    return (f'{len(dropped)} of {len(counter)} distinct words are seen fewer than --threshold {threshold} '
+            f'times and left out (read as <unk>), most frequent first: {top}; --threshold 1 keeps every word')
+
+
 def parse_args(argv=None):
     p = util.parser(__doc__)
     p.add_argument('--data_path', required=True, help='folder holding {data_name}/{train,dev}_caps.txt')
     p.add_argument('--data_name', default='f30k_precomp', help='dataset folder name')
     p.add_argument('--vocab_path', default='vocab', help='output folder of {data_name}_vocab.json')
-    p.add_argument('--threshold', type=util.positive_int, default=4, help='keep words seen this many times')
+    p.add_argument('--threshold', type=util.positive_int, default=4,
+                   help='keep words seen at least this many times; the others read as <unk> (the run says '
+                        'how many; 1 keeps every word)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing vocabulary with other words')
     return p.parse_args(argv)
 
@@ -196,7 +216,11 @@ def main(argv=None):
     out = os.path.join(args.vocab_path, f'{args.data_name}_vocab.json')
     with util.one_line_errors():
         util.check_writable(out, '--vocab_path')
-        vocab = build_vocab(args.data_path, args.data_name, args.threshold)
+        counter = count_words(args.data_path, args.data_name)
+        vocab = build_vocab(args.data_path, args.data_name, args.threshold, counter=counter)
+        note = dropped_words(counter, args.threshold)
+        if note:
+            print(note)
         if not args.overwrite and util.already_written(
                 out, lambda path: deserialize_vocab(path).words() == vocab.words(), 'another vocabulary'):
             print(f'{out} already holds this vocabulary of {len(vocab)} words: left as it is')

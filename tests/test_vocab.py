@@ -87,6 +87,26 @@ def test_cli_writes_the_vocab_file(tmp_path):
     assert V.deserialize_vocab(out).word2idx == V.build_vocab(str(root), 'f30k').word2idx
 
 
+def test_cli_says_how_many_words_fall_under_the_threshold_and_how_to_keep_them(tmp_path, capsys):
+    from nltk.tokenize import word_tokenize
+    root = caption_folder(tmp_path / 'data', n=90)  # a new user's small set: 18 real images
+    counter = Counter()  # independent count, straight from the tokenizer's definition
+    for split in ('train', 'dev'):
+        for line in (root / 'f30k' / f'{split}_caps.txt').read_text(encoding='utf-8').splitlines():
+            counter.update(word_tokenize(line.strip().lower(), preserve_line=True))
+    rare = sorted((w for w, c in counter.items() if c < 4), key=lambda w: (-counter[w], w))
+    argv = ['--data_path', str(root), '--data_name', 'f30k', '--vocab_path', str(tmp_path / 'vocab')]
+    out = V.main(argv)
+    top = ', '.join(f'{w} ({counter[w]})' for w in rare[:5])
+    assert (f'{len(rare)} of {len(counter)} distinct words are seen fewer than --threshold 4 times and left out '
+            f'(read as <unk>), most frequent first: {top}; --threshold 1 keeps every word') in capsys.readouterr().out
+    assert not set(rare) & set(V.deserialize_vocab(out).word2idx)
+    V.main(argv + ['--threshold', '1', '--overwrite'])
+    printed = capsys.readouterr().out
+    assert 'fewer than --threshold' not in printed and f'vocabulary of {len(counter) + 4} words' in printed
+    assert set(rare) <= set(V.deserialize_vocab(out).word2idx)
+
+
 def test_missing_caption_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match='train_caps.txt'):
         V.build_vocab(str(tmp_path), 'f30k')
