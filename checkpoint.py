@@ -73,6 +73,22 @@ def _authors_state(parts: list) -> dict:
     return state
 
 
+# SCAN stores one direction's options (cross_attn t2i or i2t) under its own names, with its own
+# defaults; it applies agg_func and lambda_softmax to whichever direction scores.
+SCAN_DEFAULTS = {'agg_func': 'LogSumExp', 'lambda_softmax': 9.0, 'lambda_lse': 6.0}
+
+
+def scan_options(opt: dict) -> dict:
+    """SCAN's options (agg_func, lambda_softmax; none of CASC's per-direction names) -> the same
+    with CASC's names for both directions, so the Config scores as SCAN's xattn_score_t2i/_i2t.
+    Any other options dict is returned as it is."""
+    if not {'agg_func', 'lambda_softmax'} & set(opt) or {'t2i_agg_func', 'i2t_agg_func'} & set(opt):
+        return opt
+    scan = {**SCAN_DEFAULTS, **opt}
+    return {**scan, 't2i_agg_func': scan['agg_func'], 'i2t_agg_func': scan['agg_func'],
+            'lambda_softmax_avg': scan['lambda_softmax'], 'lambda_softmax_lse': scan['lambda_softmax']}
+
+
 class Loaded(NamedTuple):
     model: CASC  # in eval mode
     opt: dict  # the training options
@@ -82,9 +98,10 @@ class Loaded(NamedTuple):
 
 def load_model(path: str, device='cpu', **overrides) -> Loaded:
     """Checkpoint -> Loaded. Sizes come from the weights themselves, so the authors' and SCAN's
-    checkpoints load as well as this project's."""
+    checkpoints load as well as this project's; SCAN's option names are mapped (scan_options).
+    A model without a label head scores with alpha 1 unless `overrides` say otherwise."""
     ckpt = read(path)
-    opt = ckpt['opt'] if isinstance(ckpt['opt'], dict) else vars(ckpt['opt'])
+    opt = scan_options(ckpt['opt'] if isinstance(ckpt['opt'], dict) else vars(ckpt['opt']))
     state = _authors_state(ckpt['model']) if isinstance(ckpt['model'], list) else ckpt['model']
     try:
         sizes = dict(vocab_size=state['txt_enc.embed.weight'].shape[0],
@@ -92,7 +109,9 @@ def load_model(path: str, device='cpu', **overrides) -> Loaded:
                      num_labels=state['head.fc2.weight'].shape[0] if 'head.fc2.weight' in state else 0)
         if sizes['num_labels']:
             sizes['label_hidden'] = state['head.fc1.weight'].shape[0]
-        model = CASC(Config.from_opt(opt, **sizes, **overrides))
+        else:  # no label head (SCAN's, CASC-base): the local score is the only score it has
+            sizes['alpha'] = 1.0
+        model = CASC(Config.from_opt(opt, **{**sizes, **overrides}))
     except (KeyError, AttributeError, IndexError, TypeError) as e:
         raise ValueError(f'{path}: not a readable CASC/SCAN checkpoint (no {e})') from None
     try:

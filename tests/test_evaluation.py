@@ -25,6 +25,7 @@ import reference as ref
 import report
 import vocab as vocab_lib
 from test_report import check_page, write_image
+from test_scan import save_scan_checkpoint, scan_opt
 
 from evaluation import compute_sims, encode_captions, encode_images, load_model, ranks, recall_metrics
 from model import cross_attention
@@ -347,7 +348,7 @@ AUTHORS_OPTS = ('data_path data_name vocab_path margin num_epochs batch_size wor
                 'cross_attn precomp_enc_type bi_gru lambda_lse lambda_softmax_avg lambda_softmax_lse').split()
 
 
-def authors_checkpoint(world, ours, path, parts=None, n_parts=3):
+def authors_checkpoint(world, ours, path, parts=None):
     """Our checkpoint rewritten as the release does: a list of the modules' state dicts and the
     options as an argparse.Namespace, with a vocab_path that does not exist on this machine."""
     model, opt = load_model(ours)[:2]
@@ -357,7 +358,7 @@ def authors_checkpoint(world, ours, path, parts=None, n_parts=3):
     ns.vocab_path = '/nonexistent/authors/vocab'
     ns.caption_vocab, ns.caption_np = './vocab/f30k_caption_vocab.pkl', './data/f30k_np/'
     ns.vocab_size = len(world.vocab)
-    torch.save({'model': parts[:n_parts], 'opt': ns, 'epoch': 3, 'best_rsum': 0, 'Eiters': 5}, path)
+    torch.save({'model': parts, 'opt': ns, 'epoch': 3, 'best_rsum': 0, 'Eiters': 5}, path)
     return str(path)
 
 
@@ -391,12 +392,23 @@ def test_authors_weight_norm_checkpoint_with_old_key_names_loads(world, tmp_path
     np.testing.assert_array_equal(sims, ours)
 
 
-def test_scan_checkpoint_needs_alpha_1_and_then_gives_the_local_score(world, local_a, tmp_path):
-    path = authors_checkpoint(world, world.a, tmp_path / 'scan.pth.tar', n_parts=2)
-    message = exit_message(world, path)
+def test_scan_checkpoint_scores_with_its_own_options_and_the_local_score(world, tmp_path):
+    """A's encoders saved as SCAN's train.py saves a model (SCAN's option names and defaults, one
+    direction) score as A's own t2i or i2t local score, with no --alpha: there is no label head."""
+    model, opt = load_model(world.a)[:2]
+    sizes = {k: opt[k] for k in ('img_dim', 'embed_size', 'word_dim', 'num_layers', 'bi_gru', 'raw_feature_norm')}
+    for direction, agg, lam in (('t2i', 't2i_agg_func', 'lambda_softmax_avg'),
+                                ('i2t', 'i2t_agg_func', 'lambda_softmax_lse')):
+        ns = scan_opt(len(world.vocab), cross_attn=direction, agg_func=opt[agg], lambda_softmax=opt[lam],
+                      lambda_lse=opt['lambda_lse'], data_name='toy_precomp', vocab_path='/nonexistent/scan/vocab',
+                      **sizes)
+        path = save_scan_checkpoint(tmp_path / f'scan_{direction}.pth.tar', model.img_enc, model.txt_enc, ns)
+        _, scan = eval_sims(world, tmp_path, path, name=f'scan_{direction}.npy')
+        _, ours = eval_sims(world, tmp_path, world.a, '--cross_attn', direction, '--alpha', '1',
+                            name=f'a_{direction}.npy')
+        np.testing.assert_allclose(scan, ours, rtol=0, atol=1e-6)  # same encoders, no head
+    message = exit_message(world, path, '--alpha', '0.8')
     assert path in message and '--alpha 1' in message and 'label head' in message
-    _, scan = eval_sims(world, tmp_path, path, '--alpha', '1', name='scan.npy')
-    np.testing.assert_allclose(scan, local_a, rtol=0, atol=1e-6)  # same encoders, no head
 
 
 # ---------------------------------------------------------------- errors
