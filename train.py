@@ -41,7 +41,7 @@ def parse_args(argv=None):
     flag('--data_path', default='./data/', help='folder holding {data_name}/')
     flag('--data_name', default='f30k_precomp', help='f30k_precomp | coco_precomp | toy_precomp')
     flag('--vocab_path', default='./vocab/', help='folder of {data_name}_vocab.json and _labels.json')
-    flag('--margin', type=float, default=0.2, help='hinge margin')
+    flag('--margin', type=util.finite_float, default=0.2, help='hinge margin')
     flag('--num_epochs', type=util.nonneg_int, default=30, help='epochs in all (a resumed run counts the earlier ones)')
     flag('--batch_size', type=pos_int, default=128, help='pairs per training step')
     flag('--word_dim', type=pos_int, default=300, help='word embedding size')
@@ -79,11 +79,15 @@ def parse_args(argv=None):
     flag('--label_lr_decay', type=pos_float, default=0.8, help='label head lr factor')
     flag('--label_lr_update', type=pos_int, default=3, help='label lr x label_lr_decay every N epochs')
     flag('--alpha', type=util.nonneg_float, default=0.8, help='weight of the local score in validation')
-    flag('--seed', type=int, default=0, help='seeds the weights and the shuffle')
+    flag('--seed', type=util.seed, default=0, help='seeds the weights and the shuffle')
     flag('--device', help='cuda | cuda:N | cpu | mps (default: cuda when present, else mps, else cpu)')
     flag('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
     flag('--eval_memory_gb', type=pos_float, default=2.0, help='memory budget of validation chunks, in GB')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_labels and not args.label_weight:  # the head would get no gradient, yet score at 1 - alpha
+        p.error(f'--label_weight 0 trains no label head, but --num_labels {args.num_labels} adds one whose '
+                f'untrained output would be blended into every score: pass --num_labels 0 for CASC-base')
+    return args
 
 
 def load_vocab_and_labels(args):

@@ -245,6 +245,7 @@ nonneg_float = _number(float, lambda v: v >= 0, 'a number >= 0')
 finite_float = _number(float, lambda v: True, 'a finite number')
 positive_int = _number(int, lambda v: v > 0, 'a positive integer')
 nonneg_int = _number(int, lambda v: v >= 0, 'an integer >= 0')
+seed = _number(int, lambda v: 0 <= v < 2 ** 32, 'an integer from 0 to 4294967295')  # numpy's seed range
 
 
 class Help(argparse.RawDescriptionHelpFormatter):

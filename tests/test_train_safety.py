@@ -441,6 +441,10 @@ def test_checkpoints_store_the_vocabulary_words_in_id_order(toy, earlier):
     ('--eval_memory_gb', '-1', 'expected a positive number'),
     ('--eval_memory_gb', 'nan', 'expected a positive number'),
     ('--workers', '-1', 'expected an integer >= 0'),
+    ('--margin', 'nan', 'expected a finite number'),  # was accepted: "non-finite loss" and a train.log left
+    ('--margin', 'inf', 'expected a finite number'),
+    ('--seed', '-5', 'expected an integer from 0 to 4294967295'),  # was numpy's line, not naming --seed
+    ('--seed', str(2 ** 70), 'expected an integer from 0 to 4294967295'),
 ])
 def test_bad_numeric_flags_exit_2_naming_the_flag(toy, tmp_path, capsys, flag, value, expected):
     with pytest.raises(SystemExit) as e:
@@ -449,6 +453,21 @@ def test_bad_numeric_flags_exit_2_naming_the_flag(toy, tmp_path, capsys, flag, v
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(f": error: argument {flag}: {expected}, got '{value}'"), err
     assert not (tmp_path / 'run').exists()
+
+
+def test_label_weight_0_with_a_label_head_is_refused_naming_casc_base(toy, tmp_path, capsys):
+    """The head would get no gradient yet weigh 1 - alpha in every score, validation's included."""
+    with pytest.raises(SystemExit) as e:
+        train.main(toy.argv(tmp_path / 'run', '--label_weight', '0'))  # SMALL: --num_labels 20
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(': error: --label_weight 0 trains no label head, but --num_labels 20 adds one whose '
+                            'untrained output would be blended into every score: pass --num_labels 0 for '
+                            'CASC-base'), err
+    assert not (tmp_path / 'run').exists()
+    args = train.parse_args(toy.argv(tmp_path / 'run', '--label_weight', '0', '--num_labels', '0'))
+    assert (args.label_weight, args.num_labels) == (0.0, 0)  # CASC-base: no head, nothing blended
+    assert train.parse_args(toy.argv(tmp_path / 'run', '--label_weight', '0.5')).num_labels == 20
 
 
 @pytest.mark.parametrize('device, expected', [
