@@ -163,7 +163,10 @@ def check_resume(ckpt: dict, path: str, cfg: Config, vocab: Vocabulary, vocab_pa
                          f'and SCAN\'s checkpoints can be evaluated, not resumed')
     if ckpt.get('vocab') is not None:
         check_same_words(vocab.words(), list(ckpt['vocab']), f'--vocab_path {vocab_path}', path)
-    elif ckpt.get('vocab_size') != len(vocab):
+    elif ckpt.get('vocab_size') is None:
+        raise ValueError(f'--resume {path}: stores no vocabulary (neither its words nor their number), so '
+                         f'{vocab_path} cannot be checked against it: not a checkpoint of this project\'s train.py')
+    elif ckpt['vocab_size'] != len(vocab):
         raise ValueError(f'--resume {path}: made with a vocabulary of {ckpt.get("vocab_size")} words, '
                          f'{vocab_path} has {len(vocab)}')
     if list(ckpt.get('labels', [])) != list(label_words):

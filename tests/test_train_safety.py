@@ -390,6 +390,14 @@ def test_the_authors_checkpoint_format_is_not_resumable(toy, earlier, tmp_path):
                    f"and SCAN's checkpoints can be evaluated, not resumed")
 
 
+def test_a_checkpoint_shaped_resume_file_without_a_vocabulary_is_one_clear_line(toy, tmp_path):
+    path = tmp_path / 'novocab.pth.tar'  # a training checkpoint's keys, but no vocab and no vocab_size
+    torch.save({'model': {}, 'opt': {}, 'optimizers': [], 'epoch': 1, 'Eiters': 8, 'best_rsum': 0.0}, path)
+    msg = refused_before_data(toy, tmp_path / 'run', '--resume', path)
+    assert msg == (f'error: --resume {path}: stores no vocabulary (neither its words nor their number), so '
+                   f"{toy.vocab_file} cannot be checked against it: not a checkpoint of this project's train.py")
+
+
 def test_resume_with_other_model_sizes_is_refused(toy, earlier, tmp_path):
     first = earlier / 'checkpoint_0.pth.tar'
     msg = refused_before_data(toy, tmp_path / 'run', '--resume', first, '--embed_size', 64)
