@@ -3,8 +3,9 @@
     python bench.py [--device cpu|cuda] [--precision fp32|tf32|bf16] [--n_img 1000 --n_cap 5000] [--skip_train]
     python bench.py --search [--n_img 1000]     # search.py's text queries/s over --n_img images
 
-Random weights and inputs, seeded; caption lengths from the real Flickr30K test captions when ../shared
-holds them. The authors' evaluation loops over captions: it scores --ref_caps of them, extrapolated linearly.
+Random weights and inputs, seeded; caption lengths drawn like the real Flickr30K test captions' (their
+deciles are built in; the development checkout reads the captions themselves). The authors'
+evaluation loops over captions: it scores --ref_caps of them, extrapolated linearly.
 Each side's training step (forward + backward) runs in a fresh process, so that its peak memory is its own.
 """
 import os
@@ -15,13 +16,15 @@ from functools import partial
 from multiprocessing import get_context
 from statistics import median_high
 
+import util  # first: it makes a Ctrl-C during the slow imports below one line
+util.quiet_ctrl_c(__name__)
+
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import evaluation
 import reference
 import search
-import util
 from data import pad_captions
 from model import CASC, PRECISIONS, Config, Side
 from vocab import read_captions, tokenize

@@ -1,5 +1,5 @@
-"""SCAN "precomp" data (spec section 1): dataset, collate, loaders, the image names file, and
-the precomp files of Karpathy's split files.
+"""SCAN "precomp" data (the layout in the README's Real data section): dataset, collate, loaders,
+the image names file, and the precomp files of Karpathy's split files.
 
     python data.py --from_karpathy dataset_flickr30k.json --data_path DATA --data_name f30k_precomp
     python data.py --make_toy DIR [--seed 0]
@@ -15,13 +15,15 @@ import os
 import posixpath
 import re
 
+import util  # first: it makes a Ctrl-C during the slow imports below one line
+util.quiet_ctrl_c(__name__)
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 import parallel
 import toy
-import util
 from labels import image_targets
 from vocab import encode, read_captions, too_long, tokenize_all
 
