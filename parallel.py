@@ -12,9 +12,10 @@ is inert (one process, world size 1) and `python train.py` runs exactly as befor
     process computes the single-process loss of the global batch. Each process back-propagates
     that same loss: the gathers sum the gradients of every process's copy (N times the
     gradient), and DistributedDataParallel's average divides by N again.
-  * Scores. Evaluation splits each caption batch's image chunks (the single process's chunks,
-    evaluation.plan_chunks) round-robin across processes and sums the partial matrices on
-    rank 0: every score is computed exactly as one process would.
+  * Scores. Evaluation plans one pass of (caption batch, image chunk) items, the same for any
+    number of processes (evaluation.plan_work), deals them out by pairs, about 1/N of them to each
+    process (`deal`), and sums the partial matrices on rank 0: every score is computed in the
+    chunk one process computes it in, so the matrix is one process's, bit for bit.
 """
 import contextlib
 import datetime
@@ -209,9 +210,18 @@ class Gather:
             return _GatherCat.apply(x)
 
 
-def round_robin(items: list) -> list:
-    """This process's share of `items` (every world-th one, from its rank)."""
-    return items[rank()::world()]
+def deal(sizes: list, parts: int = None, part: int = None) -> list:
+    """Indices of the work items (of these sizes, in order) that process `part` of `parts` (default:
+    this one) does: contiguous runs of about sum(sizes) / parts each, item k going to the process
+    whose share of the total holds its midpoint, so no share is off by more than half an item's size
+    at either end."""
+    parts, part = world() if parts is None else parts, rank() if part is None else part
+    total, start, mine = max(1, sum(sizes)), 0, []
+    for k, size in enumerate(sizes):
+        if (2 * start + size) * parts // (2 * total) == part:
+            mine.append(k)
+        start += size
+    return mine
 
 
 def sum_to_main(t: Tensor, device) -> Tensor:

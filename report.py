@@ -8,6 +8,14 @@ Data text (queries, captions, image names, label words) only ever goes through `
 element text: never into a tag, an attribute or a URL. Pictures are written under names made of
 indices only (img_000012.jpg, q0_r1_w2.png), from image names checked inside --image_dir
 (``image_names``).
+
+Pages are made by the commands that score (this file has no command of its own):
+
+    python search.py --model_path CKPT --query "a red dog" --out page [--image_dir IMAGES]
+        -> page/index.html: each query's top images, heat maps of where each word looks, labels
+    python evaluation.py --model_path CKPT --split test --examples 5 --out examples [--image_dir IMAGES]
+        -> examples/examples.html: the view the CASC paper shows
+    (an existing page, or pictures of one, in the folder: refused without --overwrite)
 """
 import html
 import math
@@ -15,11 +23,13 @@ import os
 import re
 import sys
 
+import util  # first: it makes a Ctrl-C during the slow imports below one line
+util.quiet_ctrl_c(__name__)
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-import util
 from data import read_image_names
 from encode import encode_captions, encode_images
 from model import t2i_attention
@@ -40,16 +50,36 @@ img.thumb { display: block; max-width: 256px; max-height: 256px; margin: .3em 0;
 ol.captions { color: #444; margin: .2em 0; }
 .heatmaps { display: flex; flex-wrap: wrap; gap: .5em; }
 figure { margin: 0; text-align: center; } figure img { max-width: 160px; display: block; }
+figure.unknown img { opacity: .45; outline: 2px dashed #b00; } .unk { color: #b00; font-size: 85%; }
 ol.labels { display: flex; flex-wrap: wrap; gap: .3em 1.2em; list-style: none; padding-left: 0; margin: .2em 0; }
 .prob { color: #666; }
+form { margin: .4em 0; } input[type=search] { width: 32em; max-width: 90%; } .error { color: #b00; }
+details.attention summary { cursor: pointer; color: #036; }
 """
 # Scripts, plugins and a <base> are off whatever the page holds (a second fence behind escaping).
 CSP = "script-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'"
+SERVER_CSP = CSP.replace("form-action 'none'", "form-action 'self'")  # the live page's forms (server.py)
+PICTURE = re.compile(r'img_\d{6}\.jpg|[a-z]\d+_r\d+_w\d+\.png')  # the names Pictures writes
 
 
 def esc(text) -> str:
     """Data text -> element text that shows exactly it (quotes escaped too)."""
     return html.escape(str(text), quote=True)
+
+
+def check_out(out_dir: str, page: str, overwrite: bool = False):
+    """Before any scoring: out_dir (--out) writable, and, unless overwrite, neither the page
+    (out_dir/page) nor pictures of a page there -> ValueError naming the file and --overwrite."""
+    util.check_writable(out_dir, '--out', folder=True)
+    path = os.path.join(out_dir, page)
+    util.check_writable(path, '--out')
+    if overwrite:
+        return
+    old = [path] if os.path.exists(path) else [os.path.join(out_dir, f) for f in sorted(os.listdir(out_dir))
+                                                 if PICTURE.fullmatch(f)]
+    if old:
+        raise ValueError(f'{old[0]} exists (a page written before): pass --overwrite to replace the page and '
+                         f'its pictures, or choose another --out')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,14 +104,13 @@ def image_names(dataset, image_dir) -> list:
 def read_boxes(dataset, R: int):
     """``{split}_boxes.npy`` beside the split's captions (features.py --regions boxes) -> its
     (n_images, R, 4) float array of (x1, y1, x2, y2) in [0, 1], memory-mapped; None without the
-    file. ValueError naming the file when it is unreadable or of another shape."""
-    path = os.path.join(os.path.dirname(dataset.caps_path), f'{dataset.split}_boxes.npy')
-    if not os.path.isfile(path):
+    file, or when it does not belong to the features beside it (features.boxes_for: features.py's
+    record says so). ValueError naming the file when it is unreadable or of another shape."""
+    from features import boxes_for  # torchvision's import only where pages are drawn
+    folder = os.path.dirname(dataset.caps_path)
+    path, boxes = os.path.join(folder, f'{dataset.split}_boxes.npy'), boxes_for(folder, dataset.split)
+    if boxes is None:
         return None
-    try:
-        boxes = np.load(path, mmap_mode='r')
-    except (OSError, ValueError) as e:
-        raise ValueError(f'{path}: not a readable .npy file ({e})') from None
     if boxes.ndim != 3 or boxes.shape[0] < dataset.n_images or boxes.shape[1:] != (R, 4) or boxes.dtype.kind != 'f':
         raise ValueError(f'{path}: {boxes.dtype} {boxes.shape}, expected float ({dataset.n_images}, {R}, 4) boxes '
                          f'for the {dataset.split} split\'s {R} regions')
@@ -117,6 +146,28 @@ def heat_map(base, attn: np.ndarray, boxes: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(rgb).astype(np.uint8), 'RGB')
 
 
+def load_thumbnail(path) -> Image.Image:
+    """An image file (a path or a binary file object) -> upright RGB, at most THUMB px (PIL's errors pass)."""
+    with Image.open(path) as im:
+        thumb = ImageOps.exif_transpose(im).convert('RGB')
+    thumb.thumbnail((THUMB, THUMB))
+    return thumb
+
+
+def thumb_html(src: str, i: int, alt: str = None) -> str:
+    """A thumbnail's element: src made of indices only (or a data: URL made here)."""
+    return f'<img class="thumb" src="{src}" alt="{esc(alt or f"image {int(i)}")}">'
+
+
+def figure_html(src: str, w: int, word: str, unknown: bool = False, lazy: bool = False) -> str:
+    """Word w's heat map picture (src made of indices, or of a percent-encoded query), captioned
+    with the word; a word the vocabulary does not know is marked (the model scored it as <unk>)."""
+    cls, mark = ((' class="unknown"', ' <span class="unk">(unknown: scored as &lt;unk&gt;)</span>')
+                 if unknown else ('', ''))
+    load = ' loading="lazy"' if lazy else ''
+    return f'<figure{cls}><img src="{esc(src)}"{load} alt="word {int(w)}"><figcaption>{esc(word)}{mark}</figcaption></figure>'
+
+
 class Pictures:
     """A page's pictures, written into out_dir under names made of indices: thumbnails of the
     split's images (names from ``image_names``, read once each), heat maps on them."""
@@ -135,12 +186,11 @@ class Pictures:
         if i not in self._thumbs:
             path = os.path.join(self.image_dir, self.names[i])
             try:
-                with Image.open(path) as im:
-                    thumb = ImageOps.exif_transpose(im).convert('RGB')
-                thumb.thumbnail((THUMB, THUMB))
+                thumb = load_thumbnail(path)
                 thumb.save(os.path.join(self.out_dir, f'img_{i:06d}.jpg'), quality=90)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                print(f'warning: image {i}: cannot read {path} ({e}): shown by its index', file=sys.stderr)
+                print(util.printable(f'warning: image {i}: cannot read {path} ({e}): shown by its index'),
+                      file=sys.stderr)
                 thumb = None
             self._thumbs[i] = thumb
         return self._thumbs[i]
@@ -150,12 +200,13 @@ class Pictures:
         i = int(i)
         if self.thumbnail(i) is None:
             return f'<div class="noimg">image {i}</div>'
-        return f'<img class="thumb" src="img_{i:06d}.jpg" alt="image {i}">'
+        return thumb_html(f'img_{i:06d}.jpg', i)
 
-    def heatmaps(self, stem: str, i: int, words: list, attn: torch.Tensor) -> str:
+    def heatmaps(self, stem: str, i: int, words: list, attn: torch.Tensor, known=None) -> str:
         """words (n,) and their attention attn (n, R) over image i's regions -> one figure per word
         ({stem}_w{1..n}.png, captioned with the word), on i's boxes when the split has them, else
-        on its grid cells; over its thumbnail when there is one."""
+        on its grid cells; over its thumbnail when there is one. A word not in `known` (the
+        vocabulary's words) is marked: the model scored it as <unk>, not as that word."""
         assert re.fullmatch(r'[a-z0-9_]+', stem), stem  # file names come from indices only
         i = int(i)
         boxes = grid_boxes(self.R) if self.boxes is None else np.asarray(self.boxes[i], dtype=np.float64)
@@ -163,7 +214,7 @@ class Pictures:
         for w, (word, a) in enumerate(zip(words, attn.double().cpu().numpy()), 1):
             name = f'{stem}_w{w}.png'
             heat_map(base, a, boxes).save(os.path.join(self.out_dir, name))
-            figures.append(f'<figure><img src="{name}" alt="word {w}"><figcaption>{esc(word)}</figcaption></figure>')
+            figures.append(figure_html(name, w, word, known is not None and word not in known))
         return '<div class="heatmaps">' + ''.join(figures) + '</div>'
 
 
@@ -232,10 +283,11 @@ def text_query_html(pics: Pictures, res: dict, captions, heading: str = 'Query',
             f'<ol class="results">\n' + '\n'.join(items) + '\n</ol></section>')
 
 
-def image_query_html(pics: Pictures, res: dict, extra: str = '') -> str:
+def image_query_html(pics: Pictures, res: dict, extra: str = '', title: str = None, picture: str = None) -> str:
     """One image query {'image', 'image_name'?, 'results': [{'rank', 'index', 'score', 'caption',
-    'correct'}]} -> a section: the picture, its top captions marked correct or wrong, extra."""
-    i = int(res['image'])
+    'correct'?}]} -> a section: the picture, its top captions marked correct or wrong, extra. A
+    picture from outside the split (no 'image'): its title (text) and picture (HTML made by the caller)."""
+    i = None if picture else int(res['image'])
     name = f' <span class="name">{esc(res["image_name"])}</span>' if 'image_name' in res else ''
     items = []
     for r in res['results']:
@@ -244,15 +296,21 @@ def image_query_html(pics: Pictures, res: dict, extra: str = '') -> str:
                      f'<span class="score">{float(r["score"]):.4f}</span>{mark} '
                      f'<span class="caption-index">caption {int(r["index"])}</span> '
                      f'<span class="caption">{esc(r["caption"])}</span></li>')
-    return (f'<section class="image-query"><h3>Image {i}{name}</h3>\n{pics.image(i)}\n<ol class="results">\n'
+    head = esc(title) if title else f'Image {i}{name}'
+    return (f'<section class="image-query"><h3>{head}</h3>\n{picture or pics.image(i)}\n<ol class="results">\n'
             + '\n'.join(items) + f'\n</ol>{extra}</section>')
 
 
+def document(title: str, body: list, csp: str = CSP) -> str:
+    """The document: title, inline CSS, the body's sections (the server's page: csp=SERVER_CSP)."""
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n<title>{esc(title)}</title>\n'
+            f'<style>{CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n' + '\n'.join(body) + '\n</body>\n</html>\n')
+
+
 def write_page(path: str, title: str, body: list) -> str:
-    """The document: title, inline CSS, the body's sections; written atomically -> path."""
-    doc = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-           f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n<title>{esc(title)}</title>\n'
-           f'<style>{CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n' + '\n'.join(body) + '\n</body>\n</html>\n')
+    """The document (a file's: no forms), written atomically -> path."""
+    doc = document(title, body)
     util.atomic_write(path, lambda f: f.write(doc.encode('utf-8')))
     return path
 
@@ -271,11 +329,11 @@ def _top(scores: torch.Tensor, k: int) -> list:
 
 
 def write_examples(model, dataset, sims: torch.Tensor, label_words, n: int, out_dir: str,
-                   image_dir=None, device='cpu', precision: str = 'fp32') -> str:
+                   image_dir=None, device='cpu', precision: str = 'fp32', vocab=None) -> str:
     """sims (n_img, n_cap) of the dataset's first n_img images -> path of DIR/examples.html: n
     query images with their top-3 sentences and predicted labels, n query sentences with their
     top-5 images, the top one with the heat maps of where each word looks (in `precision`, as
-    the scores were)."""
+    the scores were; the words not in `vocab`, the dataset's vocabulary, marked as <unk>)."""
     n_img, n_cap = sims.shape
     im_div, caps, R = dataset.im_div, dataset.raw_captions, dataset.images.shape[1]
     names = image_names(dataset, image_dir)
@@ -299,7 +357,19 @@ def write_examples(model, dataset, sims: torch.Tensor, label_words, n: int, out_
             for r, i in enumerate(top, 1)]}
         img = encode_images(model, dataset.images[top[0]:top[0] + 1], device=device)
         cap = encode_captions(model, [dataset.captions[j]], device=device)[0][1]
-        extras = {1: pics.heatmaps(f's{q}_r1', top[0], dataset.tokens[j], pair_attention(model, img, cap, precision))}
+        extras = {1: pics.heatmaps(f's{q}_r1', top[0], dataset.tokens[j], pair_attention(model, img, cap, precision),
+                                   None if vocab is None else vocab.word2idx)}
         body.append(text_query_html(pics, res, lambda i: caps[i * im_div:(i + 1) * im_div], f'Sentence {j}', extras))
     title = f'Retrieval examples: {dataset.split} split, {n_img} images x {n_cap} captions'
     return write_page(os.path.join(out_dir, 'examples.html'), title, body)
+
+
+def main(argv=None):
+    """--help: what this module is and which commands write its pages; it does no work of its own."""
+    util.parser(__doc__).parse_args(argv)
+    sys.exit('report.py has no command of its own: pages are written by search.py --out DIR and '
+             'evaluation.py --examples N --out DIR (see python report.py --help)')
+
+
+if __name__ == '__main__':
+    main()

@@ -15,21 +15,25 @@ an HTML page, DIR/index.html (report.py): thumbnails with --image_dir, and for e
 images where each word looks and the labels the model predicts. From Python:
 Searcher(model_path, split='test').text(['a red dog'], k=5) returns what --json prints.
 """
+import functools
 import json
 import os
 import re
 import sys
 
+import util  # first: it makes a Ctrl-C during the slow imports below one line
+util.quiet_ctrl_c(__name__)
+
 import numpy as np
 import torch
 from torch import Tensor
 
+import index
 import report
-import util
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_image_names, read_image_names
 from encode import encode_captions, encode_images, images_slice
-from evaluation import check_memory_budget, check_model_fits, plan_chunks
+from evaluation import check_memory_budget, check_model_fits, check_scores, plan_chunks
 from model import CASC, PRECISIONS, Side
 from vocab import encode, too_long, tokenize
 
@@ -46,7 +50,8 @@ def merge_topk(best, scores: Tensor, index: Tensor, k: int) -> tuple:
     """The running top k, (values (n_q, k'), indices (n_q, k')) or None, merged with a chunk's
     scores (n_q, n) of the gallery items `index` (n,) -> the top min(k, k' + n) of both: highest
     first, equal scores to the lower index. A stable sort of the candidates in index order, not
-    torch.topk, which may keep a higher index among equal scores at its cut."""
+    torch.topk, which may keep a higher index among equal scores at its cut. Scores must be finite
+    (top_images and top_captions check them): a sort puts NaN first."""
     index = index.expand_as(scores)
     if best is not None:
         scores, index = torch.cat([best[0], scores], 1), torch.cat([best[1], index], 1)  # (n_q, k' + n)
@@ -58,9 +63,11 @@ def merge_topk(best, scores: Tensor, index: Tensor, k: int) -> tuple:
 
 @torch.inference_mode()
 def top_images(model: CASC, img: Side, queries: list, k: int, alpha=None, precision: str = 'fp32',
-               memory_gb: float = 2.0, progress: bool = False) -> tuple:
+               memory_gb: float = 2.0, progress: bool = False, model_path: str = 'the model',
+               ims_path: str = 'the features') -> tuple:
     """Encoded images (n_img, R, d) and text queries [(query indices, Side)] (encode_captions) ->
-    scores, image indices (n_q, min(k, n_img)) on the CPU."""
+    scores, image indices (n_q, min(k, n_img)) on the CPU. A NaN or inf score is refused, naming
+    model_path or ims_path (evaluation.check_scores), not ranked."""
     n_img, R, _ = img.emb.shape
     n_q = sum(len(idx) for idx, _ in queries)
     values, indices = torch.empty(n_q, min(k, n_img)), torch.empty(n_q, min(k, n_img), dtype=torch.long)
@@ -70,7 +77,8 @@ def top_images(model: CASC, img: Side, queries: list, k: int, alpha=None, precis
         n_c, L = cap.mask.shape
         best = None
         for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb):
-            sims = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
+            sims = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims  # (n, n_c)
+            check_scores(sims, model, model_path, ims_path, range(i0, i1))
             best = merge_topk(best, sims.float().T, torch.arange(i0, i1, device=sims.device), k)  # (n_c, k)
             bar.update(sims.numel())
         values[idx], indices[idx] = best[0].cpu(), best[1].cpu()
@@ -80,9 +88,11 @@ def top_images(model: CASC, img: Side, queries: list, k: int, alpha=None, precis
 
 @torch.inference_mode()
 def top_captions(model: CASC, img: Side, caps: list, k: int, alpha=None, precision: str = 'fp32',
-                 memory_gb: float = 2.0, progress: bool = False) -> tuple:
-    """Encoded query images (n_q, R, d) and the gallery's captions [(caption indices, Side)]
-    (encode_captions) -> scores, caption indices (n_q, min(k, n_cap)) on the CPU."""
+                 memory_gb: float = 2.0, progress: bool = False, model_path: str = 'the model',
+                 ims_path: str = 'the features', rows=None) -> tuple:
+    """Encoded query images (n_q, R, d), images `rows` (n_q,) of ims_path, and the gallery's
+    captions [(caption indices, Side)] (encode_captions) -> scores, caption indices (n_q, min(k,
+    n_cap)) on the CPU. A NaN or inf score is refused as in top_images."""
     n_q, R, _ = img.emb.shape
     n_cap = sum(len(idx) for idx, _ in caps)
     bar = util.progress(total=n_q * n_cap, desc='searching', unit='pair', unit_scale=True, enabled=progress,
@@ -92,6 +102,7 @@ def top_captions(model: CASC, img: Side, caps: list, k: int, alpha=None, precisi
         n_c, L = cap.mask.shape
         sims = torch.cat([model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
                           for i0, i1 in plan_chunks(n_q, n_c, R, L, model.cfg, img.emb.device, memory_gb)])
+        check_scores(sims, model, model_path, ims_path, rows)  # (n_q, n_c)
         best = merge_topk(best, sims.float(), idx.to(sims.device), k)  # (n_q, k)
         bar.update(sims.numel())
     bar.close()
@@ -137,19 +148,29 @@ def read_queries(path: str) -> list:
 # ---------------------------------------------------------------------------------------------
 # The Python API: what the command line prints with --json.
 
+def _in_precision(method):
+    """A Searcher method run under its precision (util.precision_scope): the caller's flags come back after it."""
+    @functools.wraps(method)
+    def run(self, *args, **kw):
+        with util.precision_scope(self.score_args['precision']):
+            return method(self, *args, **kw)
+    return run
+
+
 class Searcher:
     """A checkpoint and a split to search. .text(queries, k) and .image(indices_or_names, k) return
     one plain dict per query; the gallery is encoded once, the first time a direction needs it.
-    Defaults for data_path, data_name and the vocabulary come from the checkpoint, as in evaluation.py."""
+    Defaults for data_path, data_name and the vocabulary come from the checkpoint, as in evaluation.py.
+    The process's TF32 settings are left as they were: each call sets `precision`'s for its own work.
+    A NaN or inf score is refused, naming the checkpoint or the features file, not ranked."""
 
     def __init__(self, model_path: str, data_path: str = None, split: str = 'test', data_name: str = None,
                  vocab_path: str = None, device=None, precision: str = 'fp32', eval_memory_gb: float = 2.0,
-                 alpha: float = None):
+                 alpha: float = None, index_dir: str = None):
         check_memory_budget(eval_memory_gb)
         if precision not in PRECISIONS:
             raise ValueError(f'--precision {precision!r}: expected one of {", ".join(PRECISIONS)}')
         self.device = util.pick_device(device)
-        util.set_precision(precision)
         loaded = load_model(model_path, self.device)
         self.model = loaded.model
         data_name, data_path = data_name or loaded.opt['data_name'], data_path or loaded.opt['data_path']
@@ -159,21 +180,30 @@ class Searcher:
         self.names_path = report.names_path(self.dataset)  # read here once, checked as data.read_image_names
         self.names = (read_image_names(self.names_path, self.dataset.n_images)
                       if os.path.isfile(self.names_path) else None)
-        self.score_args = dict(alpha=alpha, precision=precision, memory_gb=eval_memory_gb, progress=True)
+        self.score_args = dict(alpha=alpha, precision=precision, memory_gb=eval_memory_gb, progress=True,
+                               model_path=model_path, ims_path=self.dataset.ims_path)
         self._img = self._caps = self._by_name = None
+        self.gallery = None if index_dir is None else index.open_gallery(  # the gallery index (index.py)
+            index_dir, model_path, self.model, self.dataset, self.vocab.words(), precision, self.device)
 
+    @_in_precision
     def gallery_images(self) -> Side:
-        """The split's images, encoded on the first call."""
+        """The split's images, encoded on the first call (or mapped from the index, built once)."""
         if self._img is None:
-            self._img = encode_images(self.model, self.dataset.images, device=self.device)
+            self._img = (self.gallery.images() if self.gallery else
+                         encode_images(self.model, self.dataset.images, device=self.device))
         return self._img
 
+    @_in_precision
     def gallery_captions(self) -> list:
-        """The split's captions, encoded on the first call: [(caption indices, Side)]."""
+        """The split's captions, encoded on the first call (or mapped from the index, built once):
+        [(caption indices, Side)]."""
         if self._caps is None:
-            self._caps = encode_captions(self.model, self.dataset.captions, device=self.device, progress=True)
+            self._caps = (self.gallery.captions() if self.gallery else
+                          encode_captions(self.model, self.dataset.captions, device=self.device, progress=True))
         return self._caps
 
+    @_in_precision
     def text(self, queries, k: int = 10) -> list:
         """Text queries (a str or a list) -> per query {'query': text, 'results': [{'rank', 'index',
         'score', 'image_name' (when the split has names)}]}, the top min(k, n_img) images."""
@@ -194,6 +224,7 @@ class Searcher:
                                          for r, (s, i) in enumerate(zip(v.tolist(), ind.tolist()), 1)]}
                 for q, v, ind in zip(queries, values, indices)]
 
+    @_in_precision
     def image(self, images, k: int = 10) -> list:
         """Query images (an index into the split from 0, or a name of {split}_image_names.txt; one or
         a list) -> per query {'image': index, 'image_name' (when the split has names), 'results':
@@ -205,7 +236,7 @@ class Searcher:
             raise ValueError('no query images')
         rows = [self.image_index(item) for item in images]
         query = encode_images(self.model, self.dataset.images[rows], device=self.device)
-        values, indices = top_captions(self.model, query, self.gallery_captions(), k, **self.score_args)
+        values, indices = top_captions(self.model, query, self.gallery_captions(), k, rows=rows, **self.score_args)
         ds, out = self.dataset, []
         for i, v, ind in zip(rows, values, indices):
             res = {'image': i, **({'image_name': self.names[i]} if self.names else {})}
@@ -223,11 +254,29 @@ class Searcher:
         cap = encode_captions(self.model, [encode(self.vocab, tokens)], device=self.device)[0][1]
         return tokens, img, cap
 
+    @_in_precision
     def attention(self, query_text: str, image_index) -> tuple:
         """Where each word of a text query looks in an image (index or name) -> (words, attn
         (n_words, R) float32): the t2i attention of each real word (not <start>, <end>), in order."""
         tokens, img, cap = self._pair(query_text, image_index)
         return tokens, report.pair_attention(self.model, img, cap, self.score_args['precision'])
+
+    @_in_precision
+    def photo(self, features, k: int = 10) -> dict:
+        """A picture from outside the split as region features (1, R, img_dim) (features.py) ->
+        {'results': [{'rank', 'index', 'score', 'caption'}]}, the split's top min(k, n_cap) captions."""
+        k = _check_k(k)
+        query = encode_images(self.model, features, device=self.device)
+        values, indices = top_captions(self.model, query, self.gallery_captions(), k, **self.score_args)
+        return {'results': [{'rank': r, 'index': j, 'score': s, 'caption': self.dataset.raw_captions[j]}
+                            for r, (s, j) in enumerate(zip(values[0].tolist(), indices[0].tolist()), 1)]}
+
+    @_in_precision
+    def predicted_labels(self, query_text: str, image_index) -> torch.Tensor:
+        """The labels the model predicts for a text query and an image (index or name) -> (K,)
+        probabilities: sigmoid of the head's logits for the image attended by the query."""
+        _, img, cap = self._pair(query_text, image_index)
+        return report.pair_labels(self.model, img, cap)
 
     def page_names(self, image_dir: str = None):
         """The split's image names checked inside image_dir (not read again) -> list, or None without
@@ -243,10 +292,13 @@ class Searcher:
         self.page_names(image_dir)
         report.read_boxes(self.dataset, self.dataset.images.shape[1])
 
-    def page(self, results: list, out_dir: str, image_dir: str = None) -> str:
+    @_in_precision
+    def page(self, results: list, out_dir: str, image_dir: str = None, overwrite: bool = False) -> str:
         """Results of .text or .image -> out_dir/index.html with its pictures; returns its path. Text
         queries: per image its captions (and thumbnail); for the top 3, a heat map of where each word
-        looks and the predicted labels. Image queries: the picture and its captions, correct or wrong."""
+        looks (words scored as <unk> marked) and the predicted labels. Image queries: the picture and
+        its captions, correct or wrong. A page already there is refused without overwrite."""
+        report.check_out(out_dir, 'index.html', overwrite)
         ds, R = self.dataset, self.dataset.images.shape[1]
         pics = report.Pictures(out_dir, self.page_names(image_dir), image_dir, report.read_boxes(ds, R), R)
         captions = lambda i: ds.raw_captions[i * ds.im_div:(i + 1) * ds.im_div]  # noqa: E731
@@ -259,7 +311,7 @@ class Searcher:
             for r in res['results'][:3]:
                 words, img, cap = self._pair(res['query'], r['index'])
                 attn = report.pair_attention(self.model, img, cap, self.score_args['precision'])
-                part = pics.heatmaps(f'q{q}_r{r["rank"]}', r['index'], words, attn)
+                part = pics.heatmaps(f'q{q}_r{r["rank"]}', r['index'], words, attn, self.vocab.word2idx)
                 if self.model.head is not None:
                     part += report.labels_html(report.pair_labels(self.model, img, cap), self.labels)
                 extras[r['rank']] = part
@@ -297,7 +349,7 @@ def _check_k(k) -> int:
 
 def table(res: dict) -> str:
     """One query's results as a text table: rank, score, image index and name, or caption index,
-    correct and text."""
+    correct and text; data text with its control characters escaped (util.printable)."""
     rows = res['results']
     if 'query' in res:
         title = f'query: "{res["query"]}"'
@@ -309,10 +361,11 @@ def table(res: dict) -> str:
         header = ['rank', 'score', 'caption', 'correct', 'text']
         cells = [[r['rank'], f'{r["score"]:.4f}', r['index'], 'yes' if r['correct'] else 'no', r['caption']]
                  for r in rows]
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells)]
-    lines = ['  '.join(str(c).rjust(w) if col < 3 else str(c).ljust(w)
+    cells = [[util.printable(c) for c in row] for row in cells]
+    widths = [max(len(c) for c in col) for col in zip(header, *cells)]
+    lines = ['  '.join(c.rjust(w) if col < 3 else c.ljust(w)
                        for col, (c, w) in enumerate(zip(row, widths))).rstrip() for row in [header] + cells]
-    return '\n'.join([title] + lines)
+    return '\n'.join([util.printable(title)] + lines)
 
 
 def parse_args(argv=None):
@@ -324,7 +377,7 @@ def parse_args(argv=None):
                                         'stored in the checkpoint; required for the authors\' and SCAN\'s)')
     p.add_argument('--split', default='test', help='the split searched: its images, or its captions')
     what = p.add_mutually_exclusive_group(required=True)
-    one_of = 'one of --query, --queries, --image is required'
+    one_of = 'one of --query, --queries, --image, --serve is required'
     what.add_argument('--query', action='append', metavar='TEXT',
                       help=f'a text query, repeatable: the top images of each (default: none; {one_of})')
     what.add_argument('--queries', metavar='FILE', help='text queries, one per line (UTF-8, blank lines skipped), '
@@ -332,17 +385,28 @@ def parse_args(argv=None):
     what.add_argument('--image', action='append', metavar='N',
                       help='a query image, repeatable: its index in the split (from 0) or its name in '
                            f'{{split}}_image_names.txt; the top captions of each (default: none; {one_of})')
+    what.add_argument('--serve', action='store_true', help='serve a page and a JSON API on --host:--port instead '
+                      f'(server.py; {one_of})')
     p.add_argument('--k', type=util.positive_int, default=10, help='results per query (at most the gallery size)')
     p.add_argument('--alpha', type=util.nonneg_float, help='local score weight (default: the checkpoint\'s, 0.8)')
     p.add_argument('--json', action='store_true', help='one JSON object per query per line instead of tables')
     p.add_argument('--out', metavar='DIR', help='also write an HTML page of the results, DIR/index.html, with its '
                                                 'pictures (default: none)')
+    p.add_argument('--overwrite', action='store_true', help='replace a page (and its pictures) in --out')
     p.add_argument('--image_dir', help='the split\'s images, named in {split}_image_names.txt: thumbnails on the '
-                                       'page (default: none; needs --out)')
+                                       'page (default: none; needs --out or --serve)')
     p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')
     p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
     p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0,
                    help='memory budget of one scoring chunk, in GB')
+    p.add_argument('--index_dir', default='auto', metavar='DIR|auto|none',
+                   help='the gallery index (index.py): encoded once, memory-mapped, rebuilt when the checkpoint, '
+                        'split or precision change; auto: index/{data_name}_{split}_{precision} beside the '
+                        'checkpoint; none: encode the gallery in memory each run')
+    p.add_argument('--host', default='127.0.0.1', help='--serve: the address to listen on (another than loopback: '
+                                                       'anyone who reaches it can use the server)')
+    p.add_argument('--port', type=util.nonneg_int, default=8000, help='--serve: the port (0: a free one)')
+    p.add_argument('--max_upload_mb', type=util.positive_float, default=10.0, help='--serve: largest photo upload')
     return p.parse_args(argv)
 
 
@@ -351,14 +415,19 @@ def main(argv=None) -> list:
     with util.one_line_errors():
         for q in args.query or []:  # refused before the checkpoint is loaded (as --queries lines are)
             query_tokens(q, f'--query {_short(q)}')
-        if args.image_dir and not args.out:
-            raise ValueError('--image_dir: needs --out DIR, the page that shows the pictures')
+        if args.image_dir and not (args.out or args.serve):
+            raise ValueError('--image_dir: needs --out DIR or --serve, the page that shows the pictures')
         if args.out:
-            util.check_writable(args.out, '--out', folder=True)
-            util.check_writable(os.path.join(args.out, 'index.html'), '--out')
+            report.check_out(args.out, 'index.html', args.overwrite)
         queries = read_queries(args.queries) if args.queries else args.query
+        if args.serve and (args.out or args.json):
+            raise ValueError(f'--serve: answers on {args.host}:{args.port}, not with --out or --json')
         searcher = Searcher(args.model_path, args.data_path, args.split, args.data_name, args.vocab_path,
-                            args.device, args.precision, args.eval_memory_gb, args.alpha)
+                            args.device, args.precision, args.eval_memory_gb, args.alpha,
+                            None if args.index_dir == 'none' else args.index_dir)
+        if args.serve:  # imported here: the plain command line needs no web server library
+            import server
+            return server.main(searcher, args)
         if args.out:
             searcher.check_page(args.image_dir)  # before any scoring
         results = searcher.text(queries, args.k) if queries else searcher.image(args.image, args.k)
@@ -366,7 +435,8 @@ def main(argv=None) -> list:
         print(json.dumps(res) if args.json else table(res) + '\n')
     if args.out:
         with util.one_line_errors():
-            print(f'page written to {searcher.page(results, args.out, args.image_dir)}', file=sys.stderr)
+            print(f'page written to {searcher.page(results, args.out, args.image_dir, args.overwrite)}',
+                  file=sys.stderr)
     return results
 
 

@@ -1,17 +1,21 @@
 """The toy demo data: a small synthetic world in SCAN's precomp layout, for the demo and the tests.
 
-    python toy.py DIR [--seed 0]          (the same as: python data.py --make_toy DIR [--seed 0])
+    python toy.py DIR [--seed 0] [--overwrite]    (the same as: python data.py --make_toy DIR [--seed 0])
 
 Writes ``DIR/toy_precomp/{train,dev,test,testall}_{ims.npy,caps.txt}`` (TOY_SPLITS images, 5
-captions each, 12 regions of 64 dims). Same seed, same bytes. Objects have prototype features and
+captions each, 12 regions of 64 dims). Same seed, same bytes: a rerun leaves identical files as
+they are, and other files there (another seed) are refused without --overwrite. Objects have prototype features and
 colours attribute features; every region of an object is prototype + colour + small noise, so
 "red dog" in a caption names a region.
 """
+import io
 import os
+
+import util  # first: it makes a Ctrl-C during the slow imports below one line
+util.quiet_ctrl_c(__name__)
 
 import numpy as np
 
-import util
 
 OBJECTS = tuple('dog cat man woman boy girl horse bird car bike bus truck boat ball kite frisbee '
                 'tree bench chair table umbrella hat shirt cup'.split())
@@ -47,16 +51,40 @@ def _caption(rng, objs, colours):
     return cap + ('', ' .', '.', '!')[rng.integers(4)]
 
 
-def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64, sizes=None) -> str:
+def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64, sizes=None,
+             overwrite: bool = False) -> str:
     """Write the toy precomp folder -> its path. Same seed, same bytes. sizes: images per split
-    (default TOY_SPLITS; tests pass smaller ones)."""
+    (default TOY_SPLITS; tests pass smaller ones). Every file is made in memory and checked first:
+    one that exists with other contents is a ValueError naming it and --overwrite (unless
+    overwrite), before anything is written; identical ones are left as they are."""
+    files = _toy_files(seed, regions, img_dim, sizes or TOY_SPLITS)
+    folder = os.path.join(out_dir, 'toy_precomp')
+    todo = {name: content for name, content in files.items()
+            if not _unchanged(os.path.join(folder, name), content, overwrite)}
+    os.makedirs(folder, exist_ok=True)
+    for name, content in todo.items():
+        util.atomic_write(os.path.join(folder, name), lambda f: f.write(content))
+    return folder
+
+
+def _unchanged(path: str, content: bytes, overwrite: bool) -> bool:
+    """True when path already holds content; ValueError when it holds other contents (not with overwrite)."""
+    def same(p):
+        with open(p, 'rb') as f:
+            return f.read() == content
+    if overwrite:
+        return os.path.exists(path) and same(path)
+    return util.already_written(path, same, 'other toy data (another --seed?)', 'DIR')
+
+
+def _toy_files(seed: int, regions: int, img_dim: int, sizes: dict) -> dict:
+    """The toy world -> {file name: bytes} of every split's ims.npy and caps.txt."""
     rng = np.random.default_rng(seed)
     protos = np.maximum(rng.normal(size=(len(OBJECTS), img_dim)), 0) * 1.5   # (24, D)
     attrs = np.maximum(rng.normal(size=(len(COLOURS), img_dim)), 0) * 0.8    # (8, D)
     backgrounds = np.maximum(rng.normal(size=(4, img_dim)), 0) * 0.5         # (4, D) sky, grass, ...
-    folder = os.path.join(out_dir, 'toy_precomp')
-    os.makedirs(folder, exist_ok=True)
-    for split, n_img in (sizes or TOY_SPLITS).items():
+    files = {}
+    for split, n_img in sizes.items():
         ims = np.empty((n_img, regions, img_dim), np.float32)
         caps = []
         for i in range(n_img):
@@ -67,16 +95,17 @@ def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64, 
             noisy = np.stack(feats)[rng.permutation(regions)] + rng.normal(0, 0.1, (regions, img_dim))
             ims[i] = np.maximum(noisy, 0)  # non-negative, like bottom-up features
             caps += [_caption(rng, [OBJECTS[o] for o in objs], [COLOURS[c] for c in colours]) for _ in range(5)]
-        np.save(os.path.join(folder, f'{split}_ims.npy'), ims)
-        with open(os.path.join(folder, f'{split}_caps.txt'), 'w', encoding='utf-8') as f:
-            f.write('\n'.join(caps) + '\n')
-    return folder
+        buf = io.BytesIO()
+        np.save(buf, ims)
+        files[f'{split}_ims.npy'], files[f'{split}_caps.txt'] = buf.getvalue(), ('\n'.join(caps) + '\n').encode()
+    return files
 
 
 def parse_args(argv=None):
     p = util.parser(__doc__)
     p.add_argument('out_dir', metavar='DIR', help='write the toy data to DIR/toy_precomp')
     p.add_argument('--seed', type=int, default=0, help='random seed of the toy world')
+    p.add_argument('--overwrite', action='store_true', help='replace toy data of another seed in DIR/toy_precomp')
     return p.parse_args(argv)
 
 
@@ -84,7 +113,7 @@ def main(argv=None) -> str:
     """The command line (also behind data.py --make_toy) -> the folder written."""
     args = parse_args(argv)
     with util.one_line_errors():
-        folder = make_toy(args.out_dir, args.seed)
+        folder = make_toy(args.out_dir, args.seed, overwrite=args.overwrite)
     sizes = ', '.join(f'{s} {n}' for s, n in TOY_SPLITS.items())
     print(f'toy data written to {folder}: images per split {sizes}; 5 captions each; '
           f'features (12 regions, 64 dims)')

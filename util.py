@@ -4,6 +4,8 @@ import argparse
 import contextlib
 import math
 import os
+import re
+import signal
 import socket
 import sys
 import tempfile
@@ -270,10 +272,25 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=Help)
 
 
+def _interrupted_at_start(signum, frame):
+    print('interrupted', file=sys.stderr, flush=True)
+    os._exit(130)  # nothing is written yet; a SystemExit raised inside an import could be swallowed
+
+
+def quiet_ctrl_c(name: str):
+    """A script's first statement, with its __name__, before its slow imports (torch: seconds): run as
+    a program, Ctrl-C before main() is under one_line_errors says 'interrupted' and exits 130, not an
+    import's traceback. Imported (tests, multiprocessing's spawned workers), it does nothing."""
+    if name == '__main__':
+        signal.signal(signal.SIGINT, _interrupted_at_start)
+
+
 @contextlib.contextmanager
 def one_line_errors(on_interrupt=None):
     """Turn a bad file or flag (OSError, ValueError) into 'error: ...' and exit 1, and Ctrl-C into
     on_interrupt()'s line (default 'interrupted') and exit 130, the shell's code for SIGINT."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # from here on, Ctrl-C is KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except KeyboardInterrupt:
@@ -307,8 +324,37 @@ def pick_device(name=None):
 
 
 def set_precision(precision: str):
-    """--precision, set once where a program starts: 'tf32' lets CUDA's float32 products use the
-    TF32 tensor cores (model.region_word_product emulates its rounding on other devices); 'fp32'
-    and 'bf16' keep CUDA's float32 products exact."""
+    """--precision, set once where a program starts: 'tf32' lets CUDA's float32 products (matmuls,
+    and cuDNN's: the GRU, convolutions) use the TF32 tensor cores (model.region_word_product
+    emulates its rounding on other devices); 'fp32' and 'bf16' keep them exact (cuDNN's TF32 is on
+    by default in PyTorch: fp32 turns it off)."""
     import torch
     torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'
+    torch.backends.cudnn.allow_tf32 = precision == 'tf32'
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str):
+    """set_precision for the block only, the flags as they were after it: for a Python API (search.Searcher)
+    that must not change the caller's process."""
+    import torch
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_precision(precision)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# ---------------------------------------------------------------------------------------------
+# Data text on a terminal or in a log.
+
+# C0 and C1 controls (ESC, BEL, newlines, DEL, CSI), and the characters that reorder a line (bidi).
+_CONTROLS = re.compile('[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]')
+
+
+def printable(text) -> str:
+    """Data text (a caption, query, image or label name) for a terminal or a log line: control
+    characters shown as Python escapes ('\\x1b', '\\n', '\\u202e'), so that none acts on the
+    terminal or splits a line; everything else unchanged."""
+    return _CONTROLS.sub(lambda m: m.group().encode('unicode_escape').decode('ascii'), str(text))

@@ -218,3 +218,37 @@ def test_a_bad_timeout_is_one_line_naming_the_variable(monkeypatch, value):
     with pytest.raises(ValueError, match=rf"CASC_DIST_TIMEOUT='{value}': expected a number of seconds > 0"):
         parallel.start(torch.device('cpu'))
     assert parallel.world() == 1  # no process group was joined
+
+
+# Sharded scoring: every process gets about 1/N of the pairs ------------------------------------------
+
+@pytest.mark.parametrize('parts', [1, 2, 3, 8])
+def test_deal_gives_each_process_a_contiguous_run_of_about_1_over_n_of_the_work(parts):
+    sizes = [7, 7, 7, 3, 100, 1, 1, 5, 5, 5, 5, 40]  # pairs of work items
+    shares = [parallel.deal(sizes, parts, p) for p in range(parts)]
+    assert sum(shares, []) == list(range(len(sizes)))  # every item once, contiguous runs in rank order
+    total = sum(sizes)
+    ends = np.cumsum([sum(sizes[k] for k in s) for s in shares])  # where each share ends
+    for p, end in enumerate(ends):  # a share's end is off the ideal cut by half an item at most
+        cut = total * (p + 1) / parts
+        assert abs(end - cut) <= max(sizes) / 2, (p, end, cut)
+
+
+@pytest.mark.slow  # torchrun: a few seconds
+def test_three_processes_score_a_third_of_the_pairs_each_whatever_the_budget(tmp_path):
+    """Two caption batches of 16 and 13 captions x 23 images: with a large budget one chunk of
+    images covers a whole caption batch, which ranks dealt chunks per batch left to rank 0 alone.
+    The matrix equals one process's bit for bit."""
+    sys.path.insert(0, os.path.dirname(WORKER))
+    import dist_worker
+    import evaluation
+    budgets = ['64', '1e-9']  # one chunk per batch (before MIN_ITEMS); one image per chunk
+    check(torchrun(3, WORKER, 'pairs', str(tmp_path / 'pairs.pt'), *budgets))
+    got = load(tmp_path / 'pairs.pt')
+    model, img, caps = dist_worker.scoring_inputs()
+    total = 23 * 29
+    for budget, sims, per_rank in zip(budgets, got['sims'], got['pairs']):
+        assert sum(per_rank) == total, budget
+        assert all(abs(n - total / 3) <= total / 12 for n in per_rank), (budget, per_rank)  # 1/3 +- 1/12
+        one = evaluation.compute_sims(model, img, caps, float(budget), progress=False)
+        assert torch.equal(sims, one), budget  # bit for bit

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import os
 import re
+import shutil
 import warnings
 from types import SimpleNamespace
 
@@ -104,6 +105,16 @@ def test_ties_count_against_the_query_so_a_constant_matrix_scores_zero(im_div):
     assert t2i.tolist() == [3] * (4 * im_div)  # every other image ties with the true one
     m = recall_metrics(sims, im_div)
     assert m['i2t_r1'] == m['t2i_r1'] == 0.0
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), float('-inf')])
+def test_a_nan_or_inf_score_is_refused_not_ranked_as_a_hit(bad):
+    sims = torch.eye(4) * 0.5
+    sims[2, 2] = bad  # a NaN compares false with everything: it would rank -1, a perfect hit
+    with pytest.raises(ValueError, match=r'^1 of 16 scores are NaN or inf: not ranked$'):
+        ranks(sims, 1)
+    with pytest.raises(ValueError, match='NaN or inf'):
+        recall_metrics(sims, 1)
 
 
 def test_ties_between_true_captions_do_not_hurt_but_a_tie_with_a_wrong_one_does():
@@ -252,8 +263,13 @@ def test_chunked_scoring_equals_one_shot_whatever_the_memory_budget(encoded, mon
         torch.testing.assert_close(chunked, one_shot, rtol=0, atol=1e-6)
 
 
-def test_chunk_size_does_not_grow_with_the_split(encoded):
-    """The largest chunk scored is the same for a split and for a split twice as large."""
+@pytest.mark.parametrize('min_items', [1, None])  # None: MIN_ITEMS as it is
+def test_chunk_size_does_not_grow_with_the_split(encoded, monkeypatch, min_items):
+    """The largest chunk scored is the same for a split and for a split twice as large (MIN_ITEMS,
+    the least number of work items a pass is cut into, only makes chunks smaller: with it, a small
+    split's chunks may be smaller than a large one's, never larger than the memory budget's)."""
+    if min_items:
+        monkeypatch.setattr(evaluation, 'MIN_ITEMS', min_items)
     model, img = encoded.model, encoded.img
     caps = encode_captions(model, encoded.ds.captions)
     double = type(img)(*(None if t is None else torch.cat([t, t]) for t in img))
@@ -267,7 +283,8 @@ def test_chunk_size_does_not_grow_with_the_split(encoded):
             del model.scores
         largest.append(max(cells))
         assert sims.shape == (side.emb.shape[0], len(encoded.ds.captions))
-    assert largest[0] == largest[1] <= max(evaluation.CACHE_CELLS, max(c.mask.numel() for _, c in caps) * img.emb.shape[1])
+    bound = max(evaluation.CACHE_CELLS, max(c.mask.numel() for _, c in caps) * img.emb.shape[1])
+    assert (largest[0] == largest[1] if min_items else largest[0] <= largest[1]) and largest[1] <= bound
 
 
 @pytest.mark.parametrize('batch_size', [1, 7])
@@ -484,6 +501,46 @@ def test_missing_split_names_the_missing_file(world):
     assert os.path.join(world.data, 'toy_precomp', 'nosuch_ims.npy') in message
 
 
+# ---------------------------------------------------------------- NaN and inf scores: refused, naming their cause
+
+def nan_checkpoint(world, tmp_path) -> str:
+    """Checkpoint A with one NaN weight (one element of the image encoder's fc) -> its path."""
+    ckpt = torch.load(world.a, map_location='cpu', weights_only=True)
+    ckpt['model']['img_enc.fc.weight'][3, 5] = float('nan')
+    path = str(tmp_path / 'nan.pth.tar')
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_checkpoint_with_one_nan_weight_is_refused_naming_it_and_the_weight(world, tmp_path, capsys):
+    path = nan_checkpoint(world, tmp_path)
+    message = exit_message(world, path, '--split', 'test', '--save_sims', str(tmp_path / 's.npy'))
+    assert message.startswith(f'error: {path}: weight img_enc.fc.weight holds NaN or inf, so ')
+    assert 'refusing to rank them' in message and '\n' not in message
+    assert 'rsum' not in capsys.readouterr().out and not os.path.exists(tmp_path / 's.npy')
+    # validation in training scores through the same function (train.validate -> evaluate_arrays)
+    ds = data.PrecompDataset(world.data, 'toy_precomp', 'dev', world.vocab)
+    with pytest.raises(ValueError, match=r'^the model: weight img_enc.fc.weight holds NaN or inf'):
+        evaluation.evaluate_arrays(load_model(path).model, ds.images, ds.captions, progress=False)
+
+
+def test_features_whose_scores_overflow_are_refused_naming_the_file_and_image(world, tmp_path, capsys):
+    """Finite features too large for float32 through the encoder (3e38): they pass the NaN/inf scan
+    of the features file, but their scores are NaN. Image 13 of the test split; with --fold5 on
+    testall, image 33 is image 3 of fold 3, named by its index in the file."""
+    folder = tmp_path / 'toy_precomp'
+    shutil.copytree(os.path.join(world.data, 'toy_precomp'), folder)
+    for split, i in (('test', 13), ('testall', 33)):
+        ims = np.load(folder / f'{split}_ims.npy')
+        ims[i] = 3e38
+        np.save(folder / f'{split}_ims.npy', ims)
+        fold5 = ['--fold5'] if split == 'testall' else []
+        message = exit_message(world, world.a, '--data_path', str(tmp_path), '--split', split, *fold5)
+        assert message.startswith(f'error: {folder / f"{split}_ims.npy"}: image {i} gives NaN or inf scores with '
+                                  f'{world.a}, whose weights are finite'), message
+        assert 'similarity:' not in capsys.readouterr().out  # no metrics (--fold5 printed folds 0-2's)
+
+
 # ---------------------------------------------------------------- the retrieval examples report
 
 def split_captions(world, split):
@@ -563,6 +620,28 @@ def test_examples_report_shows_top_sentences_labels_and_images(world, base, tmp_
     for f in page.root.all('figure'):  # heat maps over the thumbnail
         with Image.open(out / f.one('img').attrs['src']) as im:
             assert im.size == (256, 171)
+
+
+def test_an_examples_report_or_its_pictures_are_not_replaced_without_overwrite(world, tmp_path, capsys):
+    out = tmp_path / 'report'
+    run_eval(world, world.a, '--examples', '1', '--out', str(out))
+    written = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    capsys.readouterr()
+    message = exit_message(world, world.a, '--examples', '1', '--out', str(out))
+    assert message == (f'error: {out / "examples.html"} exists (a page written before): pass --overwrite to '
+                       f'replace the page and its pictures, or choose another --out')
+    assert 'similarity:' not in capsys.readouterr().out  # refused before any scoring
+    os.remove(out / 'examples.html')  # the pictures of a page are the user's too
+    message = exit_message(world, world.a, '--examples', '1', '--out', str(out))
+    assert message.startswith(f'error: {out / "s0_r1_w1.png"} exists') and '--overwrite' in message
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == {f: b for f, b in written.items()
+                                                                    if f != 'examples.html'}
+    run_eval(world, world.a, '--examples', '1', '--out', str(out), '--overwrite')
+    assert (out / 'examples.html').read_bytes() == written['examples.html']
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'holiday.jpg').write_bytes(b'a photo')  # other files in --out are no page's
+    run_eval(world, world.a, '--examples', '1', '--out', str(tmp_path / 'mine'))
+    assert (tmp_path / 'mine' / 'holiday.jpg').read_bytes() == b'a photo'
 
 
 def test_examples_report_of_a_checkpoint_validated_on_the_local_score(world, tmp_path):
