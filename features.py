@@ -27,6 +27,9 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
+import util  # noqa: E402  (first: it makes a Ctrl-C during the slow imports below one line)
+util.quiet_ctrl_c(__name__)
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -36,7 +39,6 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import checkpoint  # noqa: E402
-import util  # noqa: E402
 from data import check_image_names, read_image_names  # noqa: E402
 
 R, GRID, DIM = 36, 6, 2048  # regions = GRID x GRID cells, ResNet-152's last channels

@@ -11,9 +11,11 @@ import os
 import time
 from collections import Counter
 
+import util  # first: it makes a Ctrl-C during the slow imports below one line
+util.quiet_ctrl_c(__name__)
+
 import numpy as np
 
-import util
 from vocab import map_batches, read_captions, tokenize_all, write_json
 
 # The two NLTK resources the labels need ship with the project (no download, no network).

@@ -19,6 +19,9 @@ import os
 import random
 import time
 
+import util  # first: it makes a Ctrl-C during the slow imports below one line
+util.quiet_ctrl_c(__name__)
+
 import numpy as np
 import torch
 
@@ -27,7 +30,6 @@ import data
 import evaluation
 import labels as labels_lib
 import parallel
-import util
 from model import CASC, PRECISIONS, Config
 from vocab import deserialize_vocab
 

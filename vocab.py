@@ -12,6 +12,7 @@ import signal
 from collections import Counter
 
 import util
+util.quiet_ctrl_c(__name__)
 
 SPECIALS = ('<pad>', '<start>', '<end>', '<unk>')  # ids 0..3, as in SCAN
 

@@ -586,3 +586,33 @@ def test_ctrl_c_while_tokenizing_in_worker_processes_exits_130_at_once_writing_n
     assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
     assert err.strip().splitlines()[-1] == 'interrupted'
     assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+# A library each script maps early in its top-level imports, which go on for a while after it: torch's
+# Python bindings (a second or more of imports follow) or numpy's core (for the scripts without torch).
+IMPORTING = {**{s: 'libtorch_python' for s in ('train.py', 'evaluation.py', 'search.py', 'features.py', 'data.py',
+                                               'bench.py', 'report.py')},
+             'labels.py': '_multiarray_umath', 'toy.py': '_multiarray_umath'}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists('/proc/self/maps'), reason='needs /proc to see an import under way')
+@pytest.mark.parametrize('script', sorted(IMPORTING))
+def test_ctrl_c_while_the_imports_run_is_one_line_and_exit_130(script):
+    """Ctrl-C while torch (or numpy) is still importing: 'interrupted' and exit 130, not an import's
+    18-line traceback (vocab.py imports nothing slow)."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), '--help'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:  # until the library is mapped: the import is under way
+        with contextlib.suppress(OSError):
+            with open(f'/proc/{proc.pid}/maps') as f:
+                if IMPORTING[script] in f.read():
+                    break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (130, '', 'interrupted\n')
