@@ -38,8 +38,11 @@ def plan_chunks(n_img: int, n_cap: int, R: int, L: int, cfg: Config, device, mem
     (pair, region, word) cell, plus the label head's per-pair vectors) take at most memory_gb; on
     the CPU a chunk also holds at most CACHE_CELLS cells; at least min_chunks chunks (when there
     are as many images), at least one image per chunk. The one planner of all-pairs scoring:
-    evaluation, validation in training (plan_work), and search.py."""
-    per_image = n_cap * (R * L * BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden))
+    evaluation, validation in training (plan_work), and search.py. The chunk's images themselves
+    count too (their prepared regions, Gram matrices and projections): a gallery index (index.py)
+    maps them chunk by chunk."""
+    per_image = (n_cap * (R * L * BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden))
+                 + 4 * R * (cfg.embed_size + R + cfg.label_hidden + 1))  # (R, d + R + H + 1) float32
     step = int(memory_gb * 2 ** 30 // per_image)
     if torch.device(device).type == 'cpu':
         step = min(step, CACHE_CELLS // (n_cap * R * L))
