@@ -2,9 +2,11 @@
 help, one-line errors, the device. Nothing here knows about CASC itself."""
 import argparse
 import contextlib
+import errno
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -125,7 +127,8 @@ def progress(iterable=None, *, total=None, desc='', unit='it', unit_scale=False,
 
 def atomic_write(path: str, write):
     """write(binary file) into a temporary file beside `path`, flushed to disk, then renamed onto
-    it: a crash or a full disk leaves any previous file intact and no partial file behind."""
+    it: a crash or a full disk leaves any previous file intact and no partial file behind. A full
+    disk (or quota) is one OSError line naming the file, however deep in `write` (torch.save) it arose."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
@@ -133,10 +136,35 @@ def atomic_write(path: str, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        full = no_space(e)
+        if full:
+            kept = '; the previous file is left as it was' if os.path.exists(path) else ''
+            raise OSError(f'{path}: not written, {full} ({free_space(path)} free there){kept}') from None
         raise
+
+
+def no_space(e: BaseException) -> str:
+    """'no space left on the device' or 'over the disk quota' when e, or an error it was raised
+    while handling (torch.save turns the OSError of its file object into a RuntimeError), is
+    ENOSPC or EDQUOT; else ''."""
+    for _ in range(10):  # the chain of __cause__ / __context__
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return 'no space left on the device' if e.errno == errno.ENOSPC else 'over the disk quota'
+        e = e.__cause__ or e.__context__
+        if e is None:
+            break
+    return ''
+
+
+def free_space(path: str) -> str:
+    """Free space on the file system of `path`'s folder, e.g. '12.5 MB', or '?' when unknown."""
+    try:
+        return f'{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6:.1f} MB'
+    except OSError:
+        return '?'
 
 
 def already_written(path: str, same, other: str, flag: str = '--vocab_path') -> bool:

@@ -23,6 +23,7 @@ import train
 import util
 import vocab
 from conftest import ROOT
+from test_util import full_disk  # noqa: F401  (a fixture: a real 64 KB file system)
 from toy import make_toy
 
 TRAINING_FIXTURES = {'earlier'}  # fixtures that train a model: their tests are slow (conftest)
@@ -511,6 +512,18 @@ def interrupt(proc):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_training_with_one_line_naming_the_checkpoint(toy, tmp_path, full_disk):
+    """--model_name on a 64 KB file system: the first checkpoint (~200 KB) does not fit. It was torch's
+    30-line traceback; now one line, in train.log too, and no temporary file left."""
+    out = full_disk / 'run'
+    msg = refused(toy.argv(out, '--num_epochs', 1, logger=tmp_path / 'log'))
+    best = re.escape(str(out / 'model_best.pth.tar'))  # written first, then checkpoint_0.pth.tar
+    assert re.fullmatch(rf'error: {best}: not written, no space left on the device \(0\.\d MB free there\)', msg), msg
+    assert os.listdir(out) == ['.lock']
+    assert (tmp_path / 'log' / 'train.log').read_text().rstrip().endswith(msg)
 
 
 @pytest.mark.slow
