@@ -3,8 +3,8 @@ to the vocabulary and label set they were trained with.
 
 This project's checkpoints hold {model, optimizers, epoch, Eiters, best_rsum, opt, vocab (the words
 in id order), vocab_size, labels}. The authors' release ({model: [img_enc, txt_enc, head], opt:
-Namespace}) and SCAN's checkpoints load for evaluation too; they store no vocabulary, so
-evaluation then needs --vocab_path and trusts it.
+Namespace}) and SCAN's ({model: [img_enc, txt_enc], opt: a Namespace with SCAN's own option names})
+load for evaluation too; they store no vocabulary, so evaluation then needs --vocab_path and trusts it.
 """
 import argparse
 import os
