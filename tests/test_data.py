@@ -237,6 +237,26 @@ def test_toy_generator_is_deterministic_by_seed(tmp_path):
     assert all(a[f] != c[f] for f in a)
 
 
+def test_toy_data_of_another_seed_is_not_replaced_without_overwrite(tmp_path, capsys):
+    sizes, out = {'train': 20, 'test': 5}, str(tmp_path / 'd')
+    folder = toy_lib.make_toy(out, 0, sizes=sizes)
+    files = lambda: {f: open(os.path.join(folder, f), 'rb').read() for f in sorted(os.listdir(folder))}  # noqa: E731
+    first, mtimes = files(), {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)}
+    toy_lib.make_toy(out, 0, sizes=sizes)  # the same seed: the same bytes, left as they are
+    assert {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)} == mtimes
+    with pytest.raises(ValueError) as e:
+        toy_lib.make_toy(out, 1, sizes=sizes)
+    assert str(e.value) == (f'{os.path.join(folder, "train_ims.npy")} exists and holds other toy data (another '
+                            f'--seed?): pass --overwrite to replace it, or choose another DIR')
+    assert files() == first  # checked before anything is written
+    toy_lib.make_toy(out, 1, sizes=sizes, overwrite=True)
+    assert all(files()[f] != first[f] for f in first)
+    with pytest.raises(SystemExit) as e:  # the command line: the default sizes are other toy data too
+        toy_lib.main([out])
+    assert e.value.code.startswith('error: ') and '--overwrite' in e.value.code and '\n' not in e.value.code
+    assert capsys.readouterr().out == ''
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / 'file').write_text('')  # a file where --make_toy needs a folder
     with pytest.raises(SystemExit) as e:

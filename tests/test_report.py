@@ -370,3 +370,60 @@ def test_examples_page_shows_hostile_captions_labels_and_names_as_text_only(tmp_
             [f's{j}_r1_w{w}.png' for w in range(1, len(words) + 1)]
     assert pictures_in(out) == sorted([f'img_{i:06d}.jpg' for i in range(6)] +
                                       [f's{j}_r1_w{w}.png' for j in range(30) for w in range(1, len(ds.tokens[j]) + 1)])
+
+
+# ---------------------------------------------------------------- words scored as <unk>; existing pages; --help
+
+def test_examples_page_marks_the_heat_maps_of_words_scored_as_unk(tmp_path):
+    """A vocabulary of the words seen 8 times or more: the rarer ones of each sentence are read as
+    <unk>, and their heat maps say so; the others are shown as the words they are."""
+    toy.make_toy(str(tmp_path / 'd'), sizes={'test': 6})
+    vocab = vocab_lib.build_vocab(str(tmp_path / 'd'), 'toy_precomp', threshold=8, splits=('test',))
+    ds = data.PrecompDataset(str(tmp_path / 'd'), 'toy_precomp', 'test', vocab)
+    torch.manual_seed(0)
+    model = CASC(Config(vocab_size=len(vocab), img_dim=64, embed_size=16, word_dim=8, num_labels=5, label_hidden=8))
+    sims = evaluation.evaluate_arrays(model, ds.images, ds.captions, progress=False)[0]
+    path = write_examples(model, ds, sims, None, 30, str(tmp_path / 'out'), vocab=vocab)
+    sentences = check_page(path).root.all('section', 'text-query')
+    marked = [0, 0]
+    for j, section in enumerate(sentences):
+        figures = section.all('figure')
+        assert len(figures) == len(ds.tokens[j])
+        for word, f in zip(ds.tokens[j], figures):
+            unknown = word not in vocab.word2idx
+            assert ds.captions[j][1 + figures.index(f)] == (vocab('<unk>') if unknown else vocab(word))
+            assert ('unknown' in f.classes()) == unknown
+            assert f.one('figcaption').text() == (f'{word} (unknown: scored as <unk>)' if unknown else word)
+            marked[unknown] += 1
+    assert min(marked) > 0, marked  # both kinds shown
+
+
+def test_check_out_refuses_an_existing_page_or_its_pictures_not_other_files(tmp_path):
+    for name in ('q3_r1_w2.png', 's0_r1_w1.png', 'img_000012.jpg', 'index.html'):
+        out = tmp_path / name.replace('.', '_')
+        report.check_out(str(out), 'index.html')  # creates the folder, writes nothing
+        (out / 'holiday.jpg').write_bytes(b'a photo')  # a user's file: no page's name
+        (out / 'examples.html').write_bytes(b'the other page')
+        report.check_out(str(out), 'index.html')
+        (out / name).write_bytes(b'written before')
+        with pytest.raises(ValueError) as e:
+            report.check_out(str(out), 'index.html')
+        assert str(e.value) == (f'{out / name} exists (a page written before): pass --overwrite to replace the '
+                                f'page and its pictures, or choose another --out')
+        report.check_out(str(out), 'index.html', overwrite=True)
+        assert sorted(os.listdir(out)) == sorted(['examples.html', 'holiday.jpg', name])
+
+
+def test_report_py_help_says_what_it_is_and_which_commands_write_pages():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    run = lambda *a: subprocess.run([sys.executable, 'report.py', *a], cwd=ROOT, capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    helped = run('--help')
+    assert helped.returncode == 0 and helped.stdout.startswith('usage: report.py')
+    assert 'search.py --model_path CKPT --query' in helped.stdout and '--out page' in helped.stdout
+    assert 'evaluation.py --model_path CKPT' in helped.stdout and '--examples 5 --out examples' in helped.stdout
+    bare = run()
+    assert bare.returncode == 1 and bare.stdout == '' and bare.stderr.count('\n') == 1
+    assert 'search.py --out DIR' in bare.stderr and 'evaluation.py --examples N --out DIR' in bare.stderr

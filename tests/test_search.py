@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -25,6 +26,7 @@ import reference as ref
 import report
 import search
 import toy
+import util
 import vocab as vocab_lib
 from conftest import train_tiny
 from model import Config
@@ -660,3 +662,124 @@ def test_page_refusals_come_before_any_scoring(world, evil, image_dir, capsys, t
         msg = refusal(world, capsys, '--query', 'a dog', '--out', str(out))
     assert 'test_boxes.npy' in msg and f'({N_IMG}, {R}, 4)' in msg
     assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------- what users bring (issue 16)
+
+def test_a_nan_checkpoint_or_overflowing_features_are_refused_not_ranked(world, capsys, tmp_path):
+    """merge_topk's sort puts NaN first: one NaN weight made every score NaN and 'the best'."""
+    ckpt = torch.load(world.ckpt, map_location='cpu', weights_only=True)
+    ckpt['model']['img_enc.fc.weight'][0, 0] = float('nan')
+    path = str(tmp_path / 'nan.pth.tar')
+    torch.save(ckpt, path)
+    api = search.Searcher(path, world.data, 'test', device='cpu')
+    for call in (lambda: api.text('a red dog'), lambda: api.image(3)):
+        with pytest.raises(ValueError, match=rf'^{re.escape(path)}: weight img_enc.fc.weight holds NaN or inf, so '):
+            call()
+    msg = refusal(world, capsys, '--query', 'a red dog', model_path=path)
+    assert msg.startswith(f'error: {path}: weight img_enc.fc.weight') and 'refusing to rank them' in msg
+    # finite features too large for the encoder (3e38: the NaN scan of the file passes them)
+    folder = os.path.join(world.data, 'toy_precomp')
+    ims = np.load(os.path.join(folder, 'test_ims.npy'))
+    ims[4] = 3e38
+    huge = os.path.join(folder, 'huge_ims.npy')
+    np.save(huge, ims)
+    shutil.copy(os.path.join(folder, 'test_caps.txt'), os.path.join(folder, 'huge_caps.txt'))
+    try:
+        api = search.Searcher(world.ckpt, world.data, 'huge', device='cpu')
+        for call in (lambda: api.text(['a red dog', 'a cat']), lambda: api.image([1, 4])):  # image 4: query 2
+            with pytest.raises(ValueError, match=rf'^{re.escape(huge)}: image 4 gives NaN or inf scores with '
+                                                 rf'{re.escape(world.ckpt)}, whose weights are finite'):
+                call()
+    finally:
+        os.remove(huge), os.remove(os.path.join(folder, 'huge_caps.txt'))
+
+
+def test_out_refuses_to_replace_a_page_or_its_pictures_without_overwrite(world, capsys, tmp_path, monkeypatch):
+    out = tmp_path / 'page'
+    results, _, _ = run(world, capsys, '--k', '2', '--query', 'a red dog', '--out', str(out))
+    written = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    top_images = search.top_images
+    monkeypatch.setattr(search, 'top_images', lambda *a, **kw: pytest.fail('scored'))  # refused before scoring
+    message = refusal(world, capsys, '--k', '2', '--query', 'a red dog', '--out', str(out))
+    assert message == (f'error: {out / "index.html"} exists (a page written before): pass --overwrite to replace '
+                       f'the page and its pictures, or choose another --out')
+    os.remove(out / 'index.html')
+    message = refusal(world, capsys, '--k', '2', '--query', 'a red dog', '--out', str(out))
+    assert message.startswith(f'error: {out / "q0_r1_w1.png"} exists') and '--overwrite' in message
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == {f: b for f, b in written.items()
+                                                                    if f != 'index.html'}
+    monkeypatch.setattr(search, 'top_images', top_images)
+    run(world, capsys, '--k', '2', '--query', 'a red dog', '--out', str(out), '--overwrite')
+    assert (out / 'index.html').read_bytes() == written['index.html']
+    api = search.Searcher(world.ckpt, world.data, 'test', device='cpu')
+    with pytest.raises(ValueError, match='--overwrite'):  # the Python API too
+        api.page(results, str(out))
+    assert api.page(results, str(out), overwrite=True) == str(out / 'index.html')
+
+
+def test_tables_escape_control_characters_and_json_keeps_them_exact(world, capsys):
+    """A caption with ESC/BEL sequences (clear the screen, set the window title, ring the bell) and
+    a query with one reach the terminal as visible escapes; --json prints the exact text."""
+    folder = os.path.join(world.data, 'toy_precomp')
+    caps = list(world.captions['test'])
+    caps[2] = 'a red dog \x1b[2J\x1b]0;pwned\x07 and a \u202ecat'
+    with open(os.path.join(folder, 'ctrl_caps.txt'), 'w', encoding='utf-8') as f:
+        f.write('\n'.join(caps) + '\n')
+    shutil.copy(os.path.join(folder, 'test_ims.npy'), os.path.join(folder, 'ctrl_ims.npy'))
+    query = 'a red dog\x1b[31m \x07'
+    try:
+        _, out, err = run(world, capsys, '--k', str(N_CAP), '--image', '0', split='ctrl')
+        results, jout, _ = run(world, capsys, '--json', '--k', str(N_CAP), '--image', '0', split='ctrl')
+        _, qout, qerr = run(world, capsys, '--k', '2', '--query', query, split='ctrl')
+    finally:
+        os.remove(os.path.join(folder, 'ctrl_caps.txt')), os.remove(os.path.join(folder, 'ctrl_ims.npy'))
+    for text in (out, err, qout, qerr):
+        assert not any(c in text for c in '\x1b\x07\u202e'), repr(text)
+    line = next(line for line in out.splitlines() if 'pwned' in line)
+    assert line.endswith(r'a red dog \x1b[2J\x1b]0;pwned\x07 and a \u202ecat')
+    assert qout.splitlines()[0] == r'query: "a red dog\x1b[31m \x07"'
+    assert [r['caption'] for r in results[0]['results'] if r['index'] == 2] == [caps[2]]  # --json: exact
+    assert json.loads(jout.splitlines()[0]) == results[0]
+
+
+def tf32_flags() -> tuple:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.fixture
+def restore_tf32():
+    before = tf32_flags()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize('precision,flags', [('fp32', (False, False)), ('tf32', (True, True)), ('bf16', (False, False))])
+def test_set_precision_sets_the_matmul_and_the_cudnn_tf32_flags(restore_tf32, precision, flags):
+    """cuDNN's TF32 (the GRU on Ampere and later) is on by default in PyTorch: fp32 turns it off."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != 'tf32'
+    util.set_precision(precision)
+    assert tf32_flags() == flags
+
+
+def test_searcher_scores_in_its_precision_and_leaves_the_callers_flags_as_they_were(world, restore_tf32):
+    for before, precision, during in (((True, True), 'fp32', (False, False)), ((False, False), 'tf32', (True, True)),
+                                      ((True, False), 'fp32', (False, False))):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        api = search.Searcher(world.ckpt, world.data, 'test', device='cpu', precision=precision)
+        assert tf32_flags() == before
+        seen, scores, encode_captions = [], api.model.scores, api.model.encode_captions
+        api.model.scores = lambda *a, **kw: seen.append(tf32_flags()) or scores(*a, **kw)  # noqa: B023
+        api.model.encode_captions = lambda *a, **kw: seen.append(tf32_flags()) or encode_captions(*a, **kw)  # noqa: B023
+        api.text('a red dog', k=2), api.image(1, k=2), api.attention('a red dog', 1)
+        assert seen and set(seen) == {during}, (precision, set(seen))  # the GRU and the scores
+        assert tf32_flags() == before
+
+
+def test_page_marks_the_heat_maps_of_words_scored_as_unk(world, capsys, tmp_path):
+    out = tmp_path / 'page'
+    run(world, capsys, '--k', '1', '--query', 'a red zebroid', '--out', str(out))
+    figures = check_page(str(out / 'index.html')).root.all('figure')
+    assert [f.one('figcaption').text() for f in figures] == ['a', 'red', 'zebroid (unknown: scored as <unk>)']
+    assert ['unknown' in f.classes() for f in figures] == [False, False, True]
+    assert figures[2].one('span', 'unk').text() == '(unknown: scored as <unk>)'
