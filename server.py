@@ -184,7 +184,10 @@ def serve(searcher, host: str = '127.0.0.1', port: int = 8000, image_dir: str = 
     ds = searcher.dataset
     print(f'serving the {ds.split} split ({ds.n_images} images, {len(ds.raw_captions)} captions) at '
           f'http://{url_host}:{where[1]}/ (Ctrl-C stops it)', flush=True)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])  # Ctrl-C: uvicorn finishes the requests under way, then raises it again
+    except KeyboardInterrupt:
+        pass
     print('server stopped', file=log or sys.stderr, flush=True)
 
 

@@ -4,5 +4,5 @@
 # tests are listed at the end with their reasons.
 set -euo pipefail
 cd "$(dirname "$0")"
-./install.sh pytest
+./install.sh pytest selenium  # selenium: tests/test_browser.py drives the system chromium
 exec .venv/bin/python -m pytest -q -rs "$@"  # -rs: the reason of every skip, at the end
