@@ -216,10 +216,24 @@ def grid_cells() -> Tensor:
     return torch.stack([col, row, col + 1, row + 1], 1).float() / GRID
 
 
+def farthest_first() -> list:
+    """The 36 cell numbers in farthest-first order: cell 14 (row 2, column 2, next to the centre),
+    then each time the cell farthest from those before (the first such in row-major order)."""
+    rc = torch.stack([torch.arange(R) // GRID, torch.arange(R) % GRID], 1).float()  # (36, 2) row, column
+    order, dist = [14], (rc - rc[14]).norm(dim=1)  # (36,) distance to the nearest cell taken
+    while len(order) < R:
+        order.append(int(dist.argmax()))
+        dist = torch.minimum(dist, (rc - rc[order[-1]]).norm(dim=1))
+    return order
+
+
+SPREAD = farthest_first()
+
+
 def spread_cells(k: int) -> Tensor:
-    """k grid cells spread evenly over the whole grid (k, 4): cells ((2j + 1) * 36) // (2k) in
-    row-major order, so 6 free slots get one cell in each row, 34 all but two."""
-    return grid_cells()[(2 * torch.arange(k) + 1) * R // max(2 * k, 1)]
+    """k grid cells spread over the whole grid (k, 4), in row-major order: the first k of SPREAD,
+    so 1 is the cell next to the centre, 5 add the four corners, 34 leave out two cells between others."""
+    return grid_cells()[sorted(SPREAD[:k])]
 
 
 def detect(detector, img: Tensor) -> Tensor:

@@ -4,10 +4,12 @@ JPEG, odd sizes) in tmp_path; random ResNet-152 weights (--weights none: no netw
 inputs, so the end-to-end runs take seconds on a CPU."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +21,7 @@ from torch import nn
 
 import data
 import features
+import report
 import vocab as vocab_lib
 from conftest import ROOT
 from test_cli_safety import help_entries
@@ -166,7 +169,7 @@ def test_existing_output_is_refused_without_overwrite_and_replaced_with_it(tmp_p
     assert (folder / 'test_ims.npy').read_bytes() == before
     features.main(argv(tmp_path / 'data', 'n', images, '--overwrite'))  # replaced once the new one is complete
     assert (ims(tmp_path / 'data', 'n') > 0).any() and sorted(os.listdir(folder)) == ['test_image_names.txt',
-                                                                                     'test_ims.npy']
+                                                                                     'test_ims.json', 'test_ims.npy']
 
 
 def test_weights_files_that_do_not_fit_are_refused_naming_them(tmp_path):
@@ -203,8 +206,8 @@ def test_help_states_every_default_once(capsys):
     out = capsys.readouterr().out
     entries = help_entries(out)
     for flag in ('--data_path', '--data_name', '--split', '--image_root', '--regions', '--weights',
-                 '--detector_weights', '--image_size', '--batch_size', '--workers', '--device', '--seed',
-                 '--overwrite'):
+                 '--detector_weights', '--image_size', '--detector_size', '--max_pixels', '--batch_size',
+                 '--workers', '--device', '--seed', '--overwrite'):
         (text,) = [t for k, t in entries.items() if k.split()[0] == flag]
         assert text.count('(default: ') + text.count('(required)') == 1 and text.endswith(')'), (flag, text)
     assert '(default: None)' not in out
@@ -220,7 +223,14 @@ def test_detect_keeps_the_best_36_boxes_or_fills_up_with_grid_cells():
     assert torch.equal(features.detect(detector(torch.zeros(0, 4), torch.zeros(0)), img), cells)
     few = torch.tensor([[0, 0, 20, 10], [0, 0, 20, 9.], [20, 10, 40, 20]])  # 2nd: IoU 0.9 with the 1st
     got = features.detect(detector(few, torch.tensor([0.9, 0.8, 0.7])), img)
-    assert torch.equal(got, torch.cat([few[[0, 2]] / scale, cells[:34]]))  # NMS across classes, then cells
+    assert torch.equal(got, torch.cat([few[[0, 2]] / scale, features.spread_cells(34)]))  # NMS, then cells
+    assert torch.equal(features.spread_cells(5), cells[[0, 5, 14, 30, 35]])  # centre and corners, not the top row
+    assert torch.equal(features.spread_cells(36), cells) and features.spread_cells(0).shape == (0, 4)
+    for k in range(1, 37):  # any number of free slots: spread over the grid, each cell once
+        spread = features.spread_cells(k)
+        assert len(set(map(tuple, spread.tolist()))) == k
+        rows = spread[:, 1] * 6
+        assert k < 4 or (rows.min() == 0 and rows.max() == 5)  # 4 or more: the top and the bottom row
     many = torch.arange(40.)[:, None] * torch.tensor([1., 0, 1, 0]) + torch.tensor([0, 0, 0.5, 0.5])  # disjoint
     got = features.detect(detector(many, torch.arange(40.) / 40), img)
     assert torch.equal(got, many.flip(0)[:36] / scale)  # the 36 best, best first
@@ -239,7 +249,7 @@ def test_grid_features_shape_values_batch_independence_and_determinism(world):
     rotated, upright = NAMES.index('f_rotated.jpg'), NAMES.index('g_upright.png')
     assert np.abs(a[rotated] - a[upright]).max() <= 1e-4 * np.abs(a).max()  # EXIF orientation applied
     assert np.abs(a[rotated] - a[NAMES.index('a_rgb.jpg')]).max() > 0.01 * np.abs(a).max()
-    assert sorted(os.listdir(world.data / 'a')) == ['test_image_names.txt', 'test_ims.npy']  # no partial left
+    assert sorted(os.listdir(world.data / 'a')) == ['test_image_names.txt', 'test_ims.json', 'test_ims.npy']
 
 
 @pytest.mark.slow
@@ -277,7 +287,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run_bit_for_bit(world):
         assert 'delete it or pass --overwrite' in message
     features.main(args)  # continues
     assert np.array_equal(ims(world.data, 'k'), ims(world.data, 'b'))  # b: --batch_size 1, never stopped
-    assert sorted(os.listdir(world.data / 'k')) == ['test_image_names.txt', 'test_ims.npy']
+    assert sorted(os.listdir(world.data / 'k')) == ['test_image_names.txt', 'test_ims.json', 'test_ims.npy']
 
 
 @pytest.mark.slow
@@ -311,9 +321,11 @@ def check_boxes(feats, boxes, n):
 
 @pytest.mark.slow
 def test_boxes_mode_writes_features_and_boxes_in_the_unit_square(two):
-    features.main(argv(two / 'data', 'boxes', two / 'images', '--regions', 'boxes', '--batch_size', '2'))
+    features.main(argv(two / 'data', 'boxes', two / 'images', '--regions', 'boxes', '--batch_size', '2',
+                       '--detector_size', '160'))  # smaller than the default 800: seconds on a CPU
     check_boxes(ims(two / 'data', 'boxes'), ims(two / 'data', 'boxes', 'boxes'), 2)
-    assert sorted(os.listdir(two / 'data' / 'boxes')) == ['test_boxes.npy', 'test_image_names.txt', 'test_ims.npy']
+    assert sorted(os.listdir(two / 'data' / 'boxes')) == ['test_boxes.npy', 'test_image_names.txt', 'test_ims.json',
+                                                          'test_ims.npy']
 
 
 class FewBoxes(nn.Module):
@@ -334,6 +346,182 @@ def test_boxes_mode_fills_free_slots_with_grid_cells(two, monkeypatch):
     features.main(argv(two / 'data', 'few', two / 'images', '--regions', 'boxes'))
     feats, boxes = ims(two / 'data', 'few'), ims(two / 'data', 'few', 'boxes')
     check_boxes(feats, boxes, 2)
-    expected = torch.cat([torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]), features.grid_cells()[:34]])
+    expected = torch.cat([torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]), features.spread_cells(34)])
     for image_boxes in boxes:
         assert np.allclose(image_boxes, expected.numpy(), atol=1e-6)
+
+
+# ---------------------------------------------------------------- issue 16: what users bring
+
+def test_inputs_keep_the_aspect_and_the_detector_sees_its_training_scale(tmp_path):
+    Image.fromarray(picture(500, 375)).save(tmp_path / 'a.jpg', quality=95)  # Flickr30K's usual size
+    Image.fromarray(picture(1000, 200)).save(tmp_path / 'wide.png')  # 5:1, past the cap
+    images = features.Images([str(tmp_path / 'a.jpg'), str(tmp_path / 'wide.png')], 448, 10 ** 6, 800)
+    x, det = images[0]
+    assert x.shape == (3, 448, 597) and x.dtype == torch.float32  # shorter side 448, 4:3 kept
+    assert det.shape == (3, 800, 1067) and det.dtype == torch.uint8  # the detector's own scale
+    x, det = images[1]  # the longer side capped at 1333/800 of the shorter side's size, the aspect kept
+    assert x.shape == (3, 149, 746) and det.shape == (3, 267, 1333)
+    detector = features.build_detector('none', 0, features.parse_args(
+        argv('d', 'n', tmp_path, '--regions', 'boxes')).detector_size)
+    assert detector.transform.min_size == (800,) and detector.transform.max_size == 1333  # as trained on COCO
+    assert features.Images([str(tmp_path / 'a.jpg')], 448, 10 ** 6)[0][1] is None  # grid: no detector input
+
+
+def test_a_box_feature_comes_from_that_box_area():
+    """A real (random) trunk on a 128 x 320 picture: its map is 4 x 10 cells of 32 pixels. Every
+    box of 2 x 2 cells, given in [0, 1] of the picture, pools (RoIAlign) to about the mean of those
+    cells, nearer to them than to any other 2 x 2 cells: x and y each scaled by their own side."""
+    trunk = features.build_trunk('none', 0)
+    x = (torch.from_numpy(picture(320, 128, 9)).permute(2, 0, 1).float() / 255 - 0.45) / 0.23  # (3, 128, 320)
+    with torch.inference_mode():
+        fmap = trunk(x[None])[0].double()  # (2048, 4, 10)
+        corners = [(r, c) for r in range(3) for c in range(9)]  # the 27 blocks of 2 x 2 cells
+        means = torch.stack([fmap[:, r:r + 2, c:c + 2].mean((1, 2)) for r, c in corners])  # (27, 2048)
+        boxes = torch.tensor([[c / 10, r / 4, (c + 2) / 10, (r + 2) / 4] for r, c in corners])  # (27, 4)
+        boxes = torch.cat([boxes, boxes[:9]])  # (36, 4)
+        pooled = features.regions(trunk, [x], [boxes])[0, :27].double()  # (27, 2048)
+    assert fmap.shape == (2048, 4, 10)
+    dist = torch.cdist(pooled, means)  # (27 boxes, 27 blocks)
+    assert torch.equal(dist.argmin(1), torch.arange(27))  # each box's feature: nearest to its own cells
+    spread = (means - means.mean(0)).norm(dim=1).mean()
+    assert (dist.diag() < 0.35 * spread).all()  # and near them: RoIAlign's bilinear samples reach past the edges
+
+
+def test_a_grid_run_removes_the_boxes_of_the_boxes_run_it_replaces_and_pages_use_boxes_of_their_features(two):
+    data, folder = two / 'data', two / 'data' / 'stale'
+    dataset = SimpleNamespace(caps_path=str(folder / 'test_caps.txt'), split='test', n_images=2)
+    boxes_run = argv(data, 'stale', two / 'images', '--regions', 'boxes', '--detector_size', '64')
+    features.main(boxes_run)
+    made = ims(data, 'stale', 'boxes').copy()
+    record = json.loads((folder / 'test_ims.json').read_text())
+    assert record['settings']['regions'] == 'boxes' and record['settings']['detector_size'] == 64
+    assert np.array_equal(features.boxes_for(str(folder), 'test'), made)  # they belong: the pages use them
+    np.testing.assert_array_equal(report.read_boxes(dataset, 36), made)
+    old_ims = (folder / 'test_ims.npy').read_bytes()
+
+    features.main(argv(data, 'stale', two / 'images', '--overwrite'))  # grid features replace them
+    assert sorted(os.listdir(folder)) == ['test_image_names.txt', 'test_ims.json', 'test_ims.npy']  # boxes gone
+    assert json.loads((folder / 'test_ims.json').read_text())['settings']['regions'] == 'grid'
+    np.save(folder / 'test_boxes.npy', made)  # the old boxes back, as earlier versions left them
+    assert features.boxes_for(str(folder), 'test') is None and report.read_boxes(dataset, 36) is None
+
+    features.main(boxes_run[:-2] + ['--detector_size', '64', '--overwrite'])  # boxes again, then other features
+    assert np.array_equal(report.read_boxes(dataset, 36), made)
+    (folder / 'test_ims.npy').write_bytes(old_ims[:-4] + b'\0\0\0\0')  # features copied over, one value changed
+    assert report.read_boxes(dataset, 36) is None
+    os.remove(folder / 'test_ims.json')  # no record (boxes made by other tools): the boxes file as it is
+    assert np.array_equal(report.read_boxes(dataset, 36), made)
+    (folder / 'test_ims.json').write_text('{"settings": 1}')
+    with pytest.raises(ValueError, match=f'{folder / "test_ims.json"}: not a settings record of features.py'):
+        report.read_boxes(dataset, 36)
+    os.remove(folder / 'test_ims.json')
+
+
+def test_the_settings_record_holds_what_made_the_features(world):
+    record = json.loads((world.data / 'a' / 'test_ims.json').read_text())
+    settings = record['settings']
+    assert settings['recipe'] == features.RECIPE and settings['regions'] == 'grid' and settings['weights'] == 'none'
+    assert settings['image_size'] == 64 and settings['batch_size'] == 3 and settings['seed'] == 0
+    assert settings['detector'] is None and record['n_images'] == 7 and record['max_pixels'] == 64_000_000
+    assert record['fingerprints'] == {'ims': features.fingerprint(str(world.data / 'a' / 'test_ims.npy')),
+                                      'boxes': None}
+    assert record['versions']['torch'] == torch.__version__
+
+
+def test_a_partial_run_of_an_older_features_py_is_not_continued(tmp_path):
+    images, folder = tmp_path / 'images', tmp_path / 'data' / 'n'
+    images.mkdir()
+    folder.mkdir(parents=True)
+    Image.fromarray(picture(20, 20)).save(images / 'a.jpg')
+    args = features.parse_args(argv(tmp_path / 'data', 'n', images))
+    old = features._settings(args, ['a.jpg'], torch.device('cpu'))
+    del old['recipe']  # what features.py wrote before its inputs kept their aspect
+    np.lib.format.open_memmap(folder / 'test_ims.npy.partial', 'w+', np.float32, (1, 36, 2048))
+    (folder / 'test_ims.npy.partial.json').write_text(json.dumps({'settings': old, 'done': 0}))
+    message = refused(argv(tmp_path / 'data', 'n', images))
+    assert 'partial run made with other arguments (an older features.py, other features)' in message
+
+
+@pytest.fixture(scope='module')
+def huge(tmp_path_factory):
+    """A 13000 x 13000 single-colour PNG: 169 megapixels in 46 KB, past Pillow's warning (89 MP) and
+    under its error (179 MP). Made once (2 s, 180 MB while made)."""
+    path = tmp_path_factory.mktemp('huge') / 'huge.png'
+    Image.new('1', (13000, 13000), 1).save(path)
+    return path
+
+
+def test_a_huge_image_is_refused_in_one_line_naming_it_without_pillows_warning(huge, tmp_path):
+    images = tmp_path / 'images'
+    images.mkdir()
+    Image.fromarray(picture(20, 20)).save(images / 'a.jpg')
+    (images / 'huge.png').write_bytes(huge.read_bytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        message = refused(argv(tmp_path / 'data', 'n', images))
+    assert '1 of 2 images' in message and 'nothing written' in message
+    assert 'huge.png (13000 x 13000 = 169.0 megapixels, over --max_pixels 64000000)' in message
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert os.listdir(tmp_path / 'data' / 'n') == []
+
+
+def test_large_jpegs_decode_at_a_reduced_size_within_max_pixels(tmp_path):
+    Image.fromarray(picture(400, 300)).resize((4000, 3000)).save(tmp_path / 'big.jpg', quality=90)
+    Image.new('RGB', (4000, 3000), (200, 30, 40)).save(tmp_path / 'big.png')  # one colour: quick to write
+    img = features.load_rgb(str(tmp_path / 'big.jpg'), 10 ** 6, short=448)
+    assert img.size == (1000, 750) and img.mode == 'RGB'  # 1/4: the shorter side still >= 448 (1/8: 375)
+    assert features.load_rgb(str(tmp_path / 'big.jpg'), 0, short=800).size == (2000, 1500)
+    with pytest.raises(ValueError, match=r'^4000 x 3000 = 12.0 megapixels, over --max_pixels 1000000$'):
+        features.load_rgb(str(tmp_path / 'big.png'), 10 ** 6, short=448)  # a PNG has no reduced decoding
+    (tmp_path / 'data' / 'n').mkdir(parents=True)
+    (tmp_path / 'data' / 'n' / 'test_image_names.txt').write_text('big.jpg\nbig.png\n')
+    message = refused(argv(tmp_path / 'data', 'n', tmp_path, '--max_pixels', '1000000'))
+    assert message.endswith('nothing written: big.png (4000 x 3000 = 12.0 megapixels, over --max_pixels 1000000)')
+
+
+def test_one_timing_covers_the_whole_run_and_every_phase_is_announced(tmp_path, capsys):
+    images = tmp_path / 'images'
+    images.mkdir()
+    Image.fromarray(picture(20, 20)).save(images / 'a.jpg')
+    started = time.time() - 2  # as the script passes it: its start, before torch's import
+    features.main(argv(tmp_path / 'data', 'n', images), started=started)
+    wall = time.time() - started
+    out, err = capsys.readouterr()
+    total, spans = re.fullmatch(r'1 images in ([\d.]+) s, the whole run \((.*)\); [\d.]+ images/s in the features '
+                                r'phase: .*test_ims.npy\n', out).groups()
+    parts = {name: float(t) for name, t, _ in (span.rsplit(' ', 2) for span in spans.split(', '))}
+    assert list(parts) == ['start-up', 'setup', 'disk', 'models', 'image check', 'features', 'finish']
+    assert parts['start-up'] >= 1.95 and abs(sum(parts.values()) - float(total)) <= 0.05 * len(parts)
+    assert wall - 0.1 <= float(total) <= wall + 0.05  # the whole run: no phase left out
+    lines = ['reserving the output on disk', 'loading ResNet-152 (--weights none)', 'checking 1 images',
+             'computing the features of 1 images on cpu', 'fingerprinting and renaming into place']
+    at = [err.find(line) for line in lines]
+    assert -1 not in at and at == sorted(at), err  # each announced as it starts: no silent phase
+
+
+def test_a_full_disk_is_found_before_any_work_in_one_line_and_earlier_files_stay(tmp_path):
+    """A real 1 MB filesystem (tmpfs, mounted as root): 7 images need 2 MB of features."""
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f'cannot mount a 1 MB tmpfs to fill (needs root): {mounted.stderr.strip()}')
+    try:
+        images, folder = make_images(tmp_path / 'images'), disk / 'n'
+        folder.mkdir()
+        np.save(folder / 'dev_ims.npy', np.ones((1, 36, 2048), np.float32))  # an earlier split, 295 KB
+        (folder / 'test_image_names.txt').write_text(''.join(f'{name}\n' for name in NAMES))
+        before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+        run = subprocess.run([sys.executable, os.path.join(ROOT, 'features.py'), *argv(disk, 'n', images)],
+                             capture_output=True, text=True, env=ENV, timeout=600)
+        assert run.returncode == 1, (run.returncode, run.stderr[-2000:])  # not -7: SIGBUS
+        last = run.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf'error: {folder}/test_ims.npy.partial: no space left on that disk for the output '
+                            r'\(2.1 MB for 7 images, 0.[67]\d* MB free there\): nothing computed, the files already '
+                            r'there are intact', last), last
+        assert 'loading ResNet-152' not in run.stderr and 'checking' not in run.stderr  # found first
+        assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+    finally:
+        subprocess.run(['umount', str(disk)], check=True)
