@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import fused
+
 EPS = 1e-8
 # Axes of the all-pairs region-word tensors (n_img, R, n_cap, L): the direction of attention is
 # named by the axis it normalizes over (t2i: words query regions; i2t: regions query words).
@@ -179,15 +181,31 @@ class LabelHead(nn.Module):
         self.fc2 = nn.Linear(hidden, num_labels)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.from_hidden(self.fc1(x))
+        return self.fc2(torch.tanh(self.fc1(x)))
 
-    def from_hidden(self, h: Tensor) -> Tensor:
-        """Second half, from first-layer outputs W1 x + b1 (..., H) -> (..., K)."""
-        return self.fc2(torch.tanh(h).flatten(0, -2)).view(*h.shape[:-1], -1)  # 2-D: bias fused in addmm
+    def from_hidden(self, h: Tensor, precision: str = 'fp32') -> Tensor:
+        """Second half, from first-layer products without the bias, W1 x (..., H) -> (..., K). A
+        pair-axes-transposed view (n_img, n_cap, H) of caption-major memory is scored in place and
+        returned as the same view. bf16: W2's product from bfloat16 inputs, as region_word_product."""
+        swap = h.dim() == 3 and not h.is_contiguous() and h.transpose(0, 1).is_contiguous()
+        h = h.transpose(0, 1) if swap else h
+        if fused.plain(h, self.fc2.weight) and h.is_contiguous() and h.size(-1) % 8 == 0:
+            hidden = fused.bias_tanh(h, self.fc1.bias)  # one pass instead of two; ATen's tanh is slow on the CPU
+        else:
+            hidden = torch.tanh(h + self.fc1.bias)
+        hidden = hidden.flatten(0, -2)  # (pairs, H): one GEMM, its bias fused in addmm
+        if precision == 'bf16':
+            logits = (hidden.bfloat16() @ self.fc2.weight.bfloat16().T).to(h.dtype) + self.fc2.bias
+        else:
+            logits = torch.addmm(self.fc2.bias, hidden, self.fc2.weight.T)
+        logits = logits.view(*h.shape[:-1], -1)
+        return logits.transpose(0, 1) if swap else logits
 
 
 def label_similarity(logits_img: Tensor, logits_txt: Tensor) -> Tensor:
     """cos(sigmoid(f(u_img)), sigmoid(f(u_txt))) over K: (..., K), (..., K) -> (...)."""
+    if logits_img.dim() == 3 and fused.plain(logits_img, logits_txt) and logits_img.stride(-1) == logits_txt.stride(-1) == 1:
+        return fused.label_cosine(logits_img, logits_txt)  # one pass, either pair order of memory
     p, q = torch.sigmoid(logits_img), torch.sigmoid(logits_txt)
     norms = torch.linalg.vector_norm(p, dim=-1) * torch.linalg.vector_norm(q, dim=-1)
     return torch.linalg.vecdot(p, q) / norms.clamp_min(EPS)
@@ -278,7 +296,7 @@ class Attended(NamedTuple):
     """cross_attention's results for n_img images and n_cap captions."""
     s_t2i: Tensor  # (n_img, n_cap) text-to-image relevance, aggregated over words
     s_i2t: Tensor  # (n_img, n_cap) image-to-text relevance, aggregated over regions
-    h_img: Optional[Tensor]  # (n_img, n_cap, H) W1 u_img + b1 (bias added by the caller), when the sides
+    h_img: Optional[Tensor]  # (n_img, n_cap, H) W1 u_img (LabelHead.from_hidden adds b1), when the sides
     h_txt: Optional[Tensor]  # (n_img, n_cap, H) W1 u_txt: ... carry head projections; else None
 
 
@@ -286,6 +304,8 @@ def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') 
     """All pairs of n_img images and n_cap captions, both directions at once. u_img is the mean
     over words of the t2i attended image contexts, u_txt the mean over regions of the i2t word
     contexts; h_* are their first label-head layer W1 u (bias excluded)."""
+    if fused.applies(img, cap, cfg.raw_feature_norm):  # CPU inference: the same numbers in one pass (fused.cpp)
+        return _fused_cross_attention(img, cap, cfg, precision)
     s_rw, raw, pad_bias = _region_word(img, cap, cfg, precision)
     h_img = h_txt = None
 
@@ -311,6 +331,21 @@ def cross_attention(img: Side, cap: Side, cfg: Config, precision: str = 'fp32') 
     s_i2t = aggregate(rel.transpose(1, 2), None, cfg.i2t_agg_func, cfg.lambda_lse)
     if cap.proj is not None:  # u_txt's attention: mean over regions, (n_cap, n_img, L)
         h_txt = torch.bmm(attn.mean(REGION_AXIS).transpose(0, 1), cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
+    return Attended(s_t2i, s_i2t, h_img, h_txt)
+
+
+def _fused_cross_attention(img: Side, cap: Side, cfg: Config, precision: str) -> Attended:
+    """cross_attention by fused.cpp: only the product and the head's small batched products are
+    full-size tensors; the rest happens per pair, in cache."""
+    n_img, R, d = img.emb.shape
+    n_cap, L, _ = cap.emb.shape
+    s_rw = region_word_product(img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d), precision)
+    s_t2i, s_i2t, w_img, w_txt = fused.cross_attention(  # w_img (n_img, n_cap, R), w_txt (n_cap, n_img, L)
+        s_rw, img, cap, raw_feature_norm=cfg.raw_feature_norm, lambda_t2i=cfg.lambda_softmax_avg,
+        lambda_i2t=cfg.lambda_softmax_lse, t2i_agg=cfg.t2i_agg_func, i2t_agg=cfg.i2t_agg_func,
+        lambda_lse=cfg.lambda_lse, pooled=img.proj is not None or cap.proj is not None)
+    h_img = None if img.proj is None else torch.bmm(w_img, img.proj)  # (n_img, n_cap, H)
+    h_txt = None if cap.proj is None else torch.bmm(w_txt, cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
     return Attended(s_t2i, s_i2t, h_img, h_txt)
 
 
@@ -367,9 +402,8 @@ class CASC(nn.Module):
         local = local_score(att, cfg.cross_attn)
         if self.head is None or alpha == 1.0:
             return Scores(local, local, None, None)
-        b1 = self.head.fc1.bias
-        logits_img = self.head.from_hidden(att.h_img + b1)
-        label = label_similarity(logits_img, self.head.from_hidden(att.h_txt + b1))
+        logits_img = self.head.from_hidden(att.h_img, precision)  # (n_img, n_cap, K)
+        label = label_similarity(logits_img, self.head.from_hidden(att.h_txt, precision))
         return Scores(alpha * local + (1 - alpha) * label, local, label, logits_img)
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor, targets: Optional[Tensor] = None,
@@ -397,8 +431,7 @@ class CASC(nn.Module):
         hinge = hinge_loss(sims if gather is None else gather(sims), cfg.margin, cfg.max_violation)
         if not use_head:
             return Loss(hinge, hinge, None, None, None)
-        b1 = self.head.fc1.bias  # the head only ever sees the matched pairs in training
-        logits = [self.head.from_hidden(att.h_img + b1), self.head.from_hidden(att.h_txt + b1)]  # (B_p, K)
+        logits = [self.head.from_hidden(att.h_img), self.head.from_hidden(att.h_txt)]  # (B_p, K): matched pairs only
         if gather is not None:
             logits, targets = [gather(x) for x in logits], gather(targets)
         label_loss = sum(F.binary_cross_entropy_with_logits(x, targets, pos_weight=pos_weight) for x in logits)

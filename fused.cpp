@@ -1,0 +1,284 @@
+// CASC's cross attention of every (image, caption) pair after the region-word product, fused:
+// one pass over each pair's R x n block of the product, everything else in L1 (fused.py builds
+// and calls this; model.cross_attention is the eager twin it is tested against). Plain C ABI,
+// no torch headers: it compiles in about a second. float32; vectors of 8 lanes via GCC vector
+// extensions (AVX2 registers with -march=native, plain scalar code elsewhere).
+//
+// Per pair (image i: regions r < R; caption j: words l < n = lens[j], a prefix of its L slots):
+//   x = clipped ? LeakyReLU(s, 0.1) : s                       s = v_r . w_l
+//   t2i (words query regions): y_rl = x_rl * lam_t2i / (||x_r.|| + eps), a_.l = softmax_r(y_.l)
+//       rel_l = (sum_r a_rl s_rl) / max(||w_l|| sqrt(a_.l^T G_img a_.l), eps);  w_img_r = mean_l a_rl
+//   i2t (regions query words): z_rl = x_rl * lam_i2t / (||x_.l|| + eps), b_r. = softmax_l(z_r.)
+//       rel_r = (sum_l b_rl s_rl) / max(||v_r|| sqrt(b_r.^T G_cap b_r.), eps); w_txt_l = mean_r b_rl
+//   then rel is pooled over the queries (Mean, Max, Sum, LogSumExp).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+constexpr int W = 8;  // lanes
+constexpr float EPS = 1e-8f;
+enum { NORM_NONE = 0, NORM_L2 = 1, NORM_L1 = 2 };
+enum { AGG_MEAN = 0, AGG_MAX = 1, AGG_SUM = 2, AGG_LSE = 3 };
+
+static inline vf splat(float x) { return vf{} + x; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+static inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static inline float hsum(vf v) { float t = 0; for (int k = 0; k < W; ++k) t += v[k]; return t; }
+static inline vf vsqrt_pos(vf q) {  // sqrt where q > 0, else 0 (model.safe_sqrt)
+    q = vmax(q, splat(0)); vf r; for (int k = 0; k < W; ++k) r[k] = __builtin_sqrtf(q[k]); return r;
+}
+
+// exp for x <= 0 (softmax after subtracting the max), Cephes' expf polynomial: ~1 ulp.
+static inline vf vexp(vf x) {
+    x = vmax(x, splat(-87.0f));
+    vf fx = x * 1.44269504088896341f + 0.5f;
+    vf fl = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
+    fl = fl > fx ? fl - 1.0f : fl;  // floor
+    x = x - fl * 0.693359375f + fl * 2.12194440e-4f;
+    vf y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x + 4.1665795894e-2f) * x
+             + 1.6666665459e-1f) * x + 5.0000001201e-1f;
+    y = y * x * x + x + 1.0f;
+    vi bits = (__builtin_convertvector(fl, vi) + 127) << 23;  // 2^floor
+    vf scale; std::memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+// tanh, Cephes' tanhf: a polynomial below 0.625, else 1 - 2 / (exp(2|x|) + 1); ~1 ulp.
+static inline vf vtanh(vf x) {
+    vf ax = vmax(x, -x), z = x * x;
+    vf small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z
+                - 3.33332819422e-1f) * z * x + x;
+    vf e = vexp(vmax(-2.0f * ax, splat(-87.0f)));  // exp(-2|x|) <= 1
+    vf big = (1.0f - e) / (1.0f + e);
+    big = x < 0 ? -big : big;
+    return ax < 0.625f ? small : big;
+}
+
+// sigmoid from exp(-|x|) <= 1: no overflow, full relative accuracy on both tails.
+static inline vf vsigmoid(vf x) {
+    vf e = vexp(vmin(x, -x)), inv = 1.0f / (1.0f + e);
+    return x >= 0 ? inv : e * inv;
+}
+
+// Pool m relevances (a multiple of W, lanes past `valid` ignored) over the queries.
+static float pool(const float* rel, int valid, int agg, float lambda_lse) {
+    float m = -INFINITY, t = 0;
+    if (agg == AGG_MEAN || agg == AGG_SUM) {
+        for (int q = 0; q < valid; ++q) t += rel[q];
+        return agg == AGG_MEAN ? t / valid : t;
+    }
+    for (int q = 0; q < valid; ++q) m = std::max(m, rel[q]);
+    if (agg == AGG_MAX) return m;
+    for (int q = 0; q < valid; ++q) t += std::exp(lambda_lse * (rel[q] - m));
+    return m + std::log(t) / lambda_lse;
+}
+
+struct Args {
+    const float* s; int64_t ld; int n_img, R, n_cap, L; const int32_t* lens;
+    const float *img_norm, *img_gram, *cap_norm, *cap_gram;
+    int norm, clipped; float lam_t2i, lam_i2t; int agg_t2i, agg_i2t; float lambda_lse;
+    float *s_t2i, *s_i2t, *w_img, *w_txt;
+};
+
+static inline vf clip(vf x, int clipped) { return clipped ? (x > 0 ? x : 0.1f * x) : x; }
+static inline vf norm_term(vf x, int norm) { return norm == NORM_L1 ? (x > 0 ? x : -x) : x * x; }
+static inline float scale_of(float acc, int norm, float lam) {  // lam / (||x|| + eps)
+    if (norm == NORM_NONE) return lam;
+    return lam / ((norm == NORM_L2 ? (acc > 0 ? std::sqrt(acc) : 0.0f) : acc) + EPS);
+}
+
+struct Buffers {  // one thread's scratch: A (R x LP) word lanes, AT (n x RP) region lanes, etc.
+    std::vector<float> A, AT, rel, cnorm, cscale, rscale, inorm;
+    std::vector<vf> P, wacc;  // one vector per region or word (C++17 new: 32-byte aligned)
+    Buffers(int R, int L) {
+        int LP = (L + W - 1) / W * W, RP = (R + W - 1) / W * W;
+        A.resize(RP * LP); P.resize(std::max(R, LP)); wacc.resize(std::max(R, L));
+        AT.resize(LP * RP); rel.resize(LP + RP);
+        cnorm.resize(LP); cscale.resize(LP); rscale.resize(RP); inorm.resize(RP, 1.0f);
+    }
+};
+
+// 8 x 8 transpose: dst[k][m] = src[m][k] (row strides ss, ds floats).
+static inline void transpose8(const float* src, int ss, float* dst, int ds) {
+    vf r[8], t[8], u[8];
+    for (int k = 0; k < 8; ++k) r[k] = vload(src + k * ss);
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = __builtin_shufflevector(r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[k + 1] = __builtin_shufflevector(r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int k = 0; k < 8; k += 4)
+        for (int h = 0; h < 2; ++h) {
+            u[k + 2 * h] = __builtin_shufflevector(t[k + h], t[k + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[k + 2 * h + 1] = __builtin_shufflevector(t[k + h], t[k + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int k = 0; k < 4; ++k) {
+        vstore(dst + k * ds, __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+        vstore(dst + (k + 4) * ds, __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+    }
+}
+
+static inline vf vscale(vf acc, int norm, float lam) {  // lam / (||x|| + eps)
+    if (norm == NORM_NONE) return splat(lam);
+    return lam / ((norm == NORM_L2 ? vsqrt_pos(acc) : acc) + EPS);
+}
+
+// The pair's block of the product into A (RP x LP, word lanes, zero past R and n) and its
+// transpose AT (LP x RP, region lanes); the raw-norm scales of both directions; the word norms.
+static void load_pair(const Args& a, int i, int j, int n, Buffers& b) {
+    const int R = a.R, LP = (n + W - 1) / W * W, RP = (R + W - 1) / W * W;
+    const vi lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const bool whole = int64_t(j) * a.L + LP <= a.ld;  // vector loads stay inside the row
+    float tmp[W] = {0};
+    for (int r = 0; r < R; ++r) {
+        const float* row = a.s + (int64_t(i) * R + r) * a.ld + int64_t(j) * a.L;
+        for (int l0 = 0; l0 < LP; l0 += W) {
+            if (!whole) for (int k = 0; k < W; ++k) tmp[k] = l0 + k < n ? row[l0 + k] : 0.0f;
+            vf v = whole ? vload(row + l0) : vload(tmp);
+            vstore(&b.A[r * LP + l0], (lane + l0 < n) ? v : splat(0));
+        }
+    }
+    std::fill(&b.A[R * LP], &b.A[RP * LP], 0.0f);
+    for (int r0 = 0; r0 < RP; r0 += W)
+        for (int l0 = 0; l0 < LP; l0 += W) transpose8(&b.A[r0 * LP + l0], LP, &b.AT[l0 * RP + r0], RP);
+    for (int r0 = 0; r0 < RP; r0 += W) {  // t2i normalizes along the words
+        vf acc = splat(0);
+        for (int l = 0; l < n; ++l) acc += norm_term(clip(vload(&b.AT[l * RP + r0]), a.clipped), a.norm);
+        vstore(&b.rscale[r0], vscale(acc, a.norm, a.lam_t2i));
+    }
+    for (int l0 = 0; l0 < LP; l0 += W) {  // i2t normalizes along the regions
+        vf acc = splat(0);
+        for (int r = 0; r < R; ++r) acc += norm_term(clip(vload(&b.A[r * LP + l0]), a.clipped), a.norm);
+        vstore(&b.cscale[l0], vscale(acc, a.norm, a.lam_i2t));
+    }
+    for (int l = 0; l < LP; ++l) b.cnorm[l] = l < n ? a.cap_norm[int64_t(j) * a.L + l] : 1.0f;
+}
+
+// sum_q P_q^T G_pq P_q' over the n x n upper triangle (G symmetric, row stride ld): 4 partial
+// sums per row so that the FMAs do not wait on each other.
+static inline vf quad_form(const float* G, int ld, const vf* P, int n) {
+    vf quad = splat(0);
+    for (int p = 0; p < n; ++p) {
+        const float* g = G + p * ld;
+        vf t0 = g[p] * P[p] * 0.5f, t1 = splat(0), t2 = splat(0), t3 = splat(0);
+        int q = p + 1;
+        for (; q + 3 < n; q += 4) { t0 += g[q] * P[q]; t1 += g[q + 1] * P[q + 1]; t2 += g[q + 2] * P[q + 2]; t3 += g[q + 3] * P[q + 3]; }
+        for (; q < n; ++q) t0 += g[q] * P[q];
+        quad += P[p] * ((t0 + t1) + (t2 + t3));
+    }
+    return 2.0f * quad;
+}
+
+// t2i, lanes = 8 words: softmax over the R regions, then rel_l; pooled over the n words.
+static void t2i_pair(const Args& a, int i, int j, int n, Buffers& b) {
+    const int R = a.R, LP = (n + W - 1) / W * W;
+    const float* G = a.img_gram + int64_t(i) * R * R;  // (R, R)
+    vf *P = b.P.data(), *wacc = b.wacc.data();
+    for (int r = 0; r < R; ++r) wacc[r] = splat(0);
+    for (int l0 = 0; l0 < LP; l0 += W) {
+        vf mx = splat(-INFINITY), sum = splat(0), dot = splat(0), quad = splat(0);
+        for (int r = 0; r < R; ++r) { P[r] = clip(vload(&b.A[r * LP + l0]), a.clipped) * b.rscale[r]; mx = vmax(mx, P[r]); }
+        for (int r = 0; r < R; ++r) { P[r] = vexp(P[r] - mx); sum += P[r]; }
+        vi lane = vi{0, 1, 2, 3, 4, 5, 6, 7} + l0;
+        vf inv = (lane < n) ? 1.0f / sum : splat(0);  // padded words: no attention at all
+        for (int r = 0; r < R; ++r) { P[r] *= inv; dot += P[r] * vload(&b.A[r * LP + l0]); wacc[r] += P[r]; }
+        quad = quad_form(G, R, P, R);
+        vstore(&b.rel[l0], dot / vmax(vload(&b.cnorm[l0]) * vsqrt_pos(quad), splat(EPS)));
+    }
+    int64_t pair = int64_t(i) * a.n_cap + j;
+    a.s_t2i[pair] = pool(b.rel.data(), n, a.agg_t2i, a.lambda_lse);
+    if (a.w_img)
+        for (int r = 0; r < R; ++r) a.w_img[pair * R + r] = hsum(wacc[r]) / n;
+}
+
+// i2t, lanes = 8 regions: softmax over the n real words, then rel_r; pooled over the R regions.
+static void i2t_pair(const Args& a, int i, int j, int n, Buffers& b) {
+    const int R = a.R, RP = (R + W - 1) / W * W;
+    const float* G = a.cap_gram + int64_t(j) * a.L * a.L;  // (L, L), real words first
+    vf *P = b.P.data(), *wacc = b.wacc.data();
+    for (int l = 0; l < n; ++l) wacc[l] = splat(0);
+    for (int r0 = 0; r0 < RP; r0 += W) {
+        vf mx = splat(-INFINITY), sum = splat(0), dot = splat(0), quad = splat(0);
+        for (int l = 0; l < n; ++l) { P[l] = clip(vload(&b.AT[l * RP + r0]), a.clipped) * b.cscale[l]; mx = vmax(mx, P[l]); }
+        for (int l = 0; l < n; ++l) { P[l] = vexp(P[l] - mx); sum += P[l]; }
+        vi lane = vi{0, 1, 2, 3, 4, 5, 6, 7} + r0;
+        vf inv = 1.0f / sum, real = (lane < R) ? splat(1) : splat(0);
+        for (int l = 0; l < n; ++l) { P[l] *= inv; dot += P[l] * vload(&b.AT[l * RP + r0]); wacc[l] += P[l] * real; }
+        quad = quad_form(G, a.L, P, n);
+        vstore(&b.rel[r0], dot / vmax(vload(&b.inorm[r0]) * vsqrt_pos(quad), splat(EPS)));
+    }
+    int64_t pair = int64_t(i) * a.n_cap + j;
+    a.s_i2t[pair] = pool(b.rel.data(), R, a.agg_i2t, a.lambda_lse);
+    if (a.w_txt) {  // (n_cap, n_img, L): caption-major, as the head's batched product wants it
+        float* out = a.w_txt + (int64_t(j) * a.n_img + i) * a.L;
+        for (int l = 0; l < a.L; ++l) out[l] = l < n ? hsum(wacc[l]) / R : 0.0f;
+    }
+}
+
+// Splits [0, n) over n_threads threads (the calling one included); fn(begin, end).
+template <class Fn> static void parallel(int64_t n, int n_threads, int64_t grain, Fn fn) {
+    int T = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, n / std::max<int64_t>(1, grain))));
+    std::vector<std::thread> rest;
+    for (int t = 1; t < T; ++t) rest.emplace_back(fn, n * t / T, n * (t + 1) / T);
+    fn(0, n / T);
+    for (auto& th : rest) th.join();
+}
+
+static void run_range(const Args& a, int64_t p0, int64_t p1) {
+    Buffers b(a.R, a.L);
+    for (int64_t p = p0; p < p1; ++p) {
+        int i = int(p / a.n_cap), j = int(p % a.n_cap), n = a.lens[j];
+        if (p == p0 || j == 0) std::copy(a.img_norm + int64_t(i) * a.R, a.img_norm + int64_t(i + 1) * a.R, b.inorm.begin());
+        load_pair(a, i, j, n, b);
+        t2i_pair(a, i, j, n, b);
+        i2t_pair(a, i, j, n, b);
+    }
+}
+
+extern "C" int casc_cross_attention(
+    const float* s, int64_t ld, int n_img, int R, int n_cap, int L, const int32_t* lens,
+    const float* img_norm, const float* img_gram, const float* cap_norm, const float* cap_gram,
+    int norm, int clipped, float lam_t2i, float lam_i2t, int agg_t2i, int agg_i2t, float lambda_lse,
+    float* s_t2i, float* s_i2t, float* w_img, float* w_txt, int n_threads) {
+    Args a{s, ld, n_img, R, n_cap, L, lens, img_norm, img_gram, cap_norm, cap_gram, norm, clipped,
+           lam_t2i, lam_i2t, agg_t2i, agg_i2t, lambda_lse, s_t2i, s_i2t, w_img, w_txt};
+    parallel(int64_t(n_img) * n_cap, n_threads, 16, [&a](int64_t p0, int64_t p1) { run_range(a, p0, p1); });
+    return 0;
+}
+
+// out (P, H) = tanh(h + b1), the label head's hidden layer from W1 x (P, H), H a multiple of W.
+extern "C" void casc_bias_tanh(const float* h, const float* b1, int64_t P, int H, float* out, int n_threads) {
+    parallel(P, n_threads, 256, [=](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p)
+            for (int k = 0; k < H; k += W) vstore(out + p * H + k, vtanh(vload(h + p * H + k) + vload(b1 + k)));
+    });
+}
+
+// out[i, j] = cos(sigmoid(x[i, j, :]), sigmoid(y[i, j, :])) over K contiguous labels; pair (i, j)
+// of x at i * xs0 + j * xs1 floats (y likewise): either pair order of memory.
+extern "C" void casc_label_cosine(const float* x, int64_t xs0, int64_t xs1, const float* y, int64_t ys0,
+                                  int64_t ys1, int n0, int n1, int K, float* out, int n_threads) {
+    parallel(int64_t(n0) * n1, n_threads, 256, [=](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+            const float *a = x + (p / n1) * xs0 + (p % n1) * xs1, *b = y + (p / n1) * ys0 + (p % n1) * ys1;
+            vf pq = splat(0), pp = splat(0), qq = splat(0);
+            int k = 0;
+            for (; k + W <= K; k += W) {
+                vf u = vsigmoid(vload(a + k)), v = vsigmoid(vload(b + k));
+                pq += u * v; pp += u * u; qq += v * v;
+            }
+            float spq = hsum(pq), spp = hsum(pp), sqq = hsum(qq);
+            for (; k < K; ++k) {
+                float u = 1.0f / (1.0f + std::exp(-a[k])), v = 1.0f / (1.0f + std::exp(-b[k]));
+                spq += u * v; spp += u * u; sqq += v * v;
+            }
+            out[p] = spq / std::max(std::sqrt(spp) * std::sqrt(sqq), EPS);
+        }
+    });
+}
