@@ -2,14 +2,20 @@
 
     python bench.py [--device cpu|cuda] [--precision fp32|tf32|bf16] [--n_img 1000 --n_cap 5000] [--skip_train]
     python bench.py --search [--n_img 1000]     # search.py's text queries/s over --n_img images
+    python bench.py --serve [--n_img 1000] [--serve_caps 5]   # search.py --serve: time to ready, latency, queries/s
 
 Random weights and inputs, seeded; caption lengths drawn like the real Flickr30K test captions' (their
 deciles are built in; the development checkout reads the captions themselves). The authors'
 evaluation loops over captions: it scores --ref_caps of them, extrapolated linearly.
 Each side's training step (forward + backward) runs in a fresh process, so that its peak memory is its own.
 """
+import dataclasses
 import os
 import platform
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -19,6 +25,7 @@ from statistics import median_high
 import util  # first: it makes a Ctrl-C during the slow imports below one line
 util.quiet_ctrl_c(__name__)
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -48,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seeds the random inputs and weights')
     p.add_argument('--skip_train', action='store_true', help='time the evaluation only')
     p.add_argument('--search', action='store_true', help="time search.py's text queries over --n_img images only")
+    p.add_argument('--serve', action='store_true', help='time search.py --serve over --n_img random images: time to '
+                   'ready with and without a built index, latency and queries/s at 1, 8 and 32 clients')
+    p.add_argument('--serve_caps', type=util.positive_int, default=5, help='--serve: captions per image (1 or 5)')
     return p.parse_args(argv)
 
 
@@ -161,6 +171,65 @@ def bench_search(args, model: CASC, pool: list, device):
             print(f'  one query over 100,000 images, extrapolated linearly: {t * 100_000 / args.n_img:.1f} s')
 
 
+def serve_gallery(args, model: CASC, pool: list, folder: str) -> str:
+    """A random split of --n_img images (--serve_caps captions each, real lengths, words w0, w1, ...)
+    and a checkpoint of model's random weights in folder -> the checkpoint's path."""
+    gen, data = torch.Generator().manual_seed(args.seed), os.path.join(folder, 'bench_precomp')
+    os.makedirs(data)
+    ims = np.lib.format.open_memmap(os.path.join(data, 'test_ims.npy'), 'w+', np.float32, (args.n_img, R, IMG_DIM))
+    for i0 in range(0, args.n_img, 1000):  # 1,000 at a time: 10,000 images are 2.9 GB
+        ims[i0:i0 + 1000] = images(min(1000, args.n_img - i0), gen).numpy()
+    ims.flush()
+    words = ['<pad>', '<start>', '<end>', '<unk>'] + [f'w{k}' for k in range(VOCAB - 4)]
+    with open(os.path.join(data, 'test_caps.txt'), 'w') as f:
+        f.writelines(' '.join(words[t] for t in cap[1:-1]) + '\n'
+                     for cap in random_captions(pool, args.n_img * args.serve_caps, gen))
+    path = os.path.join(folder, 'random.pth.tar')
+    opt = {**dataclasses.asdict(model.cfg), 'data_name': 'bench_precomp', 'data_path': folder}
+    torch.save({'model': model.state_dict(), 'opt': opt, 'vocab': words}, path)
+    return path
+
+
+def bench_serve(args, model: CASC, pool: list):
+    """search.py --serve on a random gallery: seconds until it prints its URL (building the index, then
+    with it built), then per number of clients (each asking one random text query after another, top
+    10) the latency p50/p95 and the queries/s."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import quote
+    from urllib.request import urlopen
+    folder = tempfile.mkdtemp(prefix='casc-bench-serve-')
+    ckpt, gen = serve_gallery(args, model, pool, folder), torch.Generator().manual_seed(args.seed + 1)
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'search.py'), '--serve',
+           '--model_path', ckpt, '--port', '0', '--device', args.device or 'cpu', '--precision', args.precision]
+    for label in ('building the index', 'index built'):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        url = proc.stdout.readline().split('at ', 1)[1].split()[0]
+        print(f'serve, {args.n_img:,} images x {args.serve_caps} captions: ready in {time.perf_counter() - t0:.1f} '
+              f's ({label})', flush=True)
+        if label == 'building the index':
+            proc.send_signal(signal.SIGINT), proc.wait(300)
+    texts = [' '.join(f'w{t}' for t in cap[1:-1]) for cap in random_captions(pool, 2000, gen)]
+
+    def ask(k: int) -> float:
+        t0 = time.perf_counter()
+        with urlopen(f'{url}api/search?q={quote(texts[k % len(texts)])}&k=10', timeout=600) as r:
+            r.read()
+        return time.perf_counter() - t0
+    ask(0)  # burn-in
+    for clients in (1, 8, 32):
+        n = max(8, 2 * clients)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as workers:
+            lat = sorted(workers.map(ask, range(1, n + 1)))
+        wall = time.perf_counter() - t0
+        print(f'serve, {clients} client(s), {n} queries over {args.n_img:,} images: latency p50 {lat[len(lat) // 2]:.3f} '
+              f's, p95 {lat[min(n - 1, int(0.95 * n))]:.3f} s; {n / wall:.2f} queries/s', flush=True)
+    proc.send_signal(signal.SIGINT), proc.wait(300)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def train_side(engine: bool, args, pool: list, device) -> tuple:
     """One side's training steps (in a fresh process) -> (loss, [seconds per step], peak MB above the inputs)."""
     util.set_precision(args.precision)
@@ -220,7 +289,9 @@ def main(argv=None):
     print(f'caption lengths from {source}: mean {sum(pool) / len(pool):.1f}, max {max(pool)}')
     torch.manual_seed(args.seed)
     model = CASC(Config(vocab_size=VOCAB)).to(device).eval()  # Config's defaults: the paper's settings
-    if args.search:
+    if args.serve:
+        bench_serve(args, model, pool)
+    elif args.search:
         bench_search(args, model, pool, device)
     else:
         img, caps, t_eval = bench_eval(args, model, pool, device)

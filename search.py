@@ -4,6 +4,7 @@
     python search.py --model_path runs/f30k/model_best.pth.tar --split test --queries queries.txt --k 5 --json
     python search.py --model_path runs/f30k/model_best.pth.tar --split test --image 0 --image 1000092795.jpg
     python search.py --model_path runs/f30k/model_best.pth.tar --query "a dog" --out page --image_dir IMAGES
+    python search.py --model_path runs/f30k/model_best.pth.tar --serve --image_dir IMAGES   # a page + JSON API
 
 Scores are the CASC scores evaluation.py computes for the same pairs (same alpha, engine and
 precision; up to float32 rounding, ~1e-7, which moves with the batch a caption is padded in). The

@@ -17,7 +17,6 @@ One worker thread makes every model call, in arrival order; text queries waiting
 in one pass over the gallery. Bad requests get a 4xx with {"error": "..."} naming the parameter.
 """
 import concurrent.futures
-import io
 import ipaddress
 import os
 import queue

@@ -16,7 +16,6 @@ from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from PIL import Image
 from starlette.exceptions import HTTPException
 
 import report

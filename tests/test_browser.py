@@ -11,7 +11,7 @@ import urllib.parse
 
 import pytest
 
-from test_server import Server, photos, world  # noqa: F401 (the fixtures: one server each)
+from test_server import photos, world  # noqa: F401 (the fixtures: one server each)
 
 CHROMIUM, DRIVER = shutil.which('chromium') or '/usr/bin/chromium', shutil.which('chromedriver') or '/usr/bin/chromedriver'
 FLAGS = ('--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
