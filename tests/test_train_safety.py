@@ -281,7 +281,7 @@ def test_a_run_that_fails_at_start_up_writes_no_log_so_the_rerun_needs_no_overwr
 @pytest.mark.slow
 def test_a_run_that_died_before_its_first_checkpoint_needs_overwrite(toy, tmp_path):
     run = tmp_path / 'run'
-    msg = refused(toy.argv(run, '--num_epochs', 1, '--margin', 'inf'))  # the first loss is inf
+    msg = refused(toy.argv(run, '--num_epochs', 1, '--margin', '1e39'))  # inf in float32: the first loss is inf
     assert 'non-finite loss at iteration 1 ' in msg
     assert not checkpoints(run) and (run / 'log' / 'train.log').exists()
     before = snapshot(run)
