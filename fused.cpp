@@ -67,7 +67,7 @@ static inline vf vsigmoid(vf x) {
     return x >= 0 ? inv : e * inv;
 }
 
-// Pool m relevances (a multiple of W, lanes past `valid` ignored) over the queries.
+// Pool the relevances rel[q < valid] (lanes up to a multiple of W readable) over the queries.
 static float pool(const float* rel, int valid, int agg, float lambda_lse) {
     float m = -INFINITY, t = 0;
     if (agg == AGG_MEAN || agg == AGG_SUM) {
@@ -76,8 +76,12 @@ static float pool(const float* rel, int valid, int agg, float lambda_lse) {
     }
     for (int q = 0; q < valid; ++q) m = std::max(m, rel[q]);
     if (agg == AGG_MAX) return m;
-    for (int q = 0; q < valid; ++q) t += std::exp(lambda_lse * (rel[q] - m));
-    return m + std::log(t) / lambda_lse;
+    vf sum = splat(0);  // LogSumExp: log(sum exp(lse (rel - m))) / lse + m, the exps 8 at a time
+    for (int q = 0; q < valid; q += W) {
+        vf e = vexp(lambda_lse * (vload(rel + q) - m));
+        sum += (vi{0, 1, 2, 3, 4, 5, 6, 7} + q < valid) ? e : splat(0);
+    }
+    return m + std::log(hsum(sum)) / lambda_lse;
 }
 
 struct Args {
@@ -96,10 +100,10 @@ static inline float scale_of(float acc, int norm, float lam) {  // lam / (||x|| 
 
 struct Buffers {  // one thread's scratch: A (R x LP) word lanes, AT (n x RP) region lanes, etc.
     std::vector<float> A, AT, rel, cnorm, cscale, rscale, inorm;
-    std::vector<vf> P, wacc;  // one vector per region or word (C++17 new: 32-byte aligned)
+    std::vector<vf> P, Q, D;  // attention (R x NB or n x RB vectors), quad forms, dots (C++17 new: aligned)
     Buffers(int R, int L) {
         int LP = (L + W - 1) / W * W, RP = (R + W - 1) / W * W;
-        A.resize(RP * LP); P.resize(std::max(R, LP)); wacc.resize(std::max(R, L));
+        A.resize(RP * LP); P.resize(std::max(RP * LP, LP * RP) / W); Q.resize(LP + RP); D.resize(LP + RP);
         AT.resize(LP * RP); rel.resize(LP + RP);
         cnorm.resize(LP); cscale.resize(LP); rscale.resize(RP); inorm.resize(RP, 1.0f);
     }
@@ -160,64 +164,100 @@ static void load_pair(const Args& a, int i, int j, int n, Buffers& b) {
     for (int l = 0; l < LP; ++l) b.cnorm[l] = l < n ? a.cap_norm[int64_t(j) * a.L + l] : 1.0f;
 }
 
-// sum_q P_q^T G_pq P_q' over the n x n upper triangle (G symmetric, row stride ld): 4 partial
-// sums per row so that the FMAs do not wait on each other.
-static inline vf quad_form(const float* G, int ld, const vf* P, int n) {
-    vf quad = splat(0);
+// quad[k] = sum_{p,q < n} P[p][k] G_pq P[q][k] for NB lane blocks k at once (P[q * S + k]; G
+// symmetric, row stride ld: its upper triangle, each entry broadcast once for all blocks). Few
+// blocks get two partial sums each, so that consecutive FMAs do not wait on each other.
+template <int NB> static inline void quad_blocks(const float* G, int ld, const vf* P, int S, int n, vf* quad) {
+    constexpr bool two = NB < 4;
+    vf acc[NB], t0[NB], t1[NB];
+    for (int k = 0; k < NB; ++k) acc[k] = splat(0);
     for (int p = 0; p < n; ++p) {
         const float* g = G + p * ld;
-        vf t0 = g[p] * P[p] * 0.5f, t1 = splat(0), t2 = splat(0), t3 = splat(0);
+        for (int k = 0; k < NB; ++k) { t0[k] = (0.5f * g[p]) * P[p * S + k]; t1[k] = splat(0); }
         int q = p + 1;
-        for (; q + 3 < n; q += 4) { t0 += g[q] * P[q]; t1 += g[q + 1] * P[q + 1]; t2 += g[q + 2] * P[q + 2]; t3 += g[q + 3] * P[q + 3]; }
-        for (; q < n; ++q) t0 += g[q] * P[q];
-        quad += P[p] * ((t0 + t1) + (t2 + t3));
+        if (two)
+            for (; q + 1 < n; q += 2) {
+                const float g0 = g[q], g1 = g[q + 1];
+                for (int k = 0; k < NB; ++k) { t0[k] += g0 * P[q * S + k]; t1[k] += g1 * P[(q + 1) * S + k]; }
+            }
+        for (; q < n; ++q) {
+            const float g0 = g[q];
+            for (int k = 0; k < NB; ++k) t0[k] += g0 * P[q * S + k];
+        }
+        for (int k = 0; k < NB; ++k) acc[k] += P[p * S + k] * (t0[k] + t1[k]);
     }
-    return 2.0f * quad;
+    for (int k = 0; k < NB; ++k) quad[k] = 2.0f * acc[k];
 }
 
-// t2i, lanes = 8 words: softmax over the R regions, then rel_l; pooled over the n words.
-static void t2i_pair(const Args& a, int i, int j, int n, Buffers& b) {
-    const int R = a.R, LP = (n + W - 1) / W * W;
-    const float* G = a.img_gram + int64_t(i) * R * R;  // (R, R)
-    vf *P = b.P.data(), *wacc = b.wacc.data();
-    for (int r = 0; r < R; ++r) wacc[r] = splat(0);
-    for (int l0 = 0; l0 < LP; l0 += W) {
-        vf mx = splat(-INFINITY), sum = splat(0), dot = splat(0), quad = splat(0);
-        for (int r = 0; r < R; ++r) { P[r] = clip(vload(&b.A[r * LP + l0]), a.clipped) * b.rscale[r]; mx = vmax(mx, P[r]); }
-        for (int r = 0; r < R; ++r) { P[r] = vexp(P[r] - mx); sum += P[r]; }
-        vi lane = vi{0, 1, 2, 3, 4, 5, 6, 7} + l0;
-        vf inv = (lane < n) ? 1.0f / sum : splat(0);  // padded words: no attention at all
-        for (int r = 0; r < R; ++r) { P[r] *= inv; dot += P[r] * vload(&b.A[r * LP + l0]); wacc[r] += P[r]; }
-        quad = quad_form(G, R, P, R);
-        vstore(&b.rel[l0], dot / vmax(vload(&b.cnorm[l0]) * vsqrt_pos(quad), splat(EPS)));
+static void quad_form(const float* G, int ld, const vf* P, int S, int n, vf* quad) {  // all S blocks
+    for (int k = 0; k < S;) {
+        switch (std::min(S - k, 5)) {
+            case 1: quad_blocks<1>(G, ld, P + k, S, n, quad + k); k += 1; break;
+            case 2: quad_blocks<2>(G, ld, P + k, S, n, quad + k); k += 2; break;
+            case 3: quad_blocks<3>(G, ld, P + k, S, n, quad + k); k += 3; break;
+            case 4: quad_blocks<4>(G, ld, P + k, S, n, quad + k); k += 4; break;
+            default: quad_blocks<5>(G, ld, P + k, S, n, quad + k); k += 5;
+        }
     }
+}
+
+// Softmax of lanes X[q * S] over q < n (already scaled), into P[q * S]; -> the sums' inverses.
+static inline vf softmax_lanes(vf* P, int S, int n) {
+    vf mx = splat(-INFINITY), sum = splat(0);
+    for (int q = 0; q < n; ++q) mx = vmax(mx, P[q * S]);
+    for (int q = 0; q < n; ++q) { P[q * S] = vexp(P[q * S] - mx); sum += P[q * S]; }
+    return 1.0f / sum;
+}
+
+// t2i, lanes = 8 words (NB blocks): softmax over the R regions, rel_l, pooled over the n words.
+static void t2i_pair(const Args& a, int i, int j, int n, Buffers& b) {
+    const int R = a.R, NB = (n + W - 1) / W, LP = NB * W;
+    const float* G = a.img_gram + int64_t(i) * R * R;  // (R, R)
+    vf *P = b.P.data(), *Q = b.Q.data(), *D = b.D.data();  // P[r * NB + k]
+    for (int k = 0; k < NB; ++k) {
+        for (int r = 0; r < R; ++r) P[r * NB + k] = clip(vload(&b.A[r * LP + k * W]), a.clipped) * b.rscale[r];
+        vf inv = softmax_lanes(P + k, NB, R);
+        inv = (vi{0, 1, 2, 3, 4, 5, 6, 7} + k * W < n) ? inv : splat(0);  // padded words: no attention at all
+        D[k] = splat(0);
+        for (int r = 0; r < R; ++r) { P[r * NB + k] *= inv; D[k] += P[r * NB + k] * vload(&b.A[r * LP + k * W]); }
+    }
+    quad_form(G, R, P, NB, R, Q);
+    for (int k = 0; k < NB; ++k)
+        vstore(&b.rel[k * W], D[k] / vmax(vload(&b.cnorm[k * W]) * vsqrt_pos(Q[k]), splat(EPS)));
     int64_t pair = int64_t(i) * a.n_cap + j;
     a.s_t2i[pair] = pool(b.rel.data(), n, a.agg_t2i, a.lambda_lse);
-    if (a.w_img)
-        for (int r = 0; r < R; ++r) a.w_img[pair * R + r] = hsum(wacc[r]) / n;
+    for (int r = 0; a.w_img && r < R; ++r) {
+        vf w = P[r * NB];
+        for (int k = 1; k < NB; ++k) w += P[r * NB + k];
+        a.w_img[pair * R + r] = hsum(w) / n;
+    }
 }
 
-// i2t, lanes = 8 regions: softmax over the n real words, then rel_r; pooled over the R regions.
+// i2t, lanes = 8 regions (RB blocks): softmax over the n real words, rel_r, pooled over the R regions.
 static void i2t_pair(const Args& a, int i, int j, int n, Buffers& b) {
-    const int R = a.R, RP = (R + W - 1) / W * W;
+    const int R = a.R, RB = (R + W - 1) / W, RP = RB * W;
     const float* G = a.cap_gram + int64_t(j) * a.L * a.L;  // (L, L), real words first
-    vf *P = b.P.data(), *wacc = b.wacc.data();
-    for (int l = 0; l < n; ++l) wacc[l] = splat(0);
-    for (int r0 = 0; r0 < RP; r0 += W) {
-        vf mx = splat(-INFINITY), sum = splat(0), dot = splat(0), quad = splat(0);
-        for (int l = 0; l < n; ++l) { P[l] = clip(vload(&b.AT[l * RP + r0]), a.clipped) * b.cscale[l]; mx = vmax(mx, P[l]); }
-        for (int l = 0; l < n; ++l) { P[l] = vexp(P[l] - mx); sum += P[l]; }
-        vi lane = vi{0, 1, 2, 3, 4, 5, 6, 7} + r0;
-        vf inv = 1.0f / sum, real = (lane < R) ? splat(1) : splat(0);
-        for (int l = 0; l < n; ++l) { P[l] *= inv; dot += P[l] * vload(&b.AT[l * RP + r0]); wacc[l] += P[l] * real; }
-        quad = quad_form(G, a.L, P, n);
-        vstore(&b.rel[r0], dot / vmax(vload(&b.inorm[r0]) * vsqrt_pos(quad), splat(EPS)));
+    vf *P = b.P.data(), *Q = b.Q.data(), *D = b.D.data();  // P[l * RB + k]
+    for (int k = 0; k < RB; ++k) {
+        for (int l = 0; l < n; ++l) P[l * RB + k] = clip(vload(&b.AT[l * RP + k * W]), a.clipped) * b.cscale[l];
+        vf inv = softmax_lanes(P + k, RB, n);
+        D[k] = splat(0);
+        for (int l = 0; l < n; ++l) { P[l * RB + k] *= inv; D[k] += P[l * RB + k] * vload(&b.AT[l * RP + k * W]); }
     }
+    quad_form(G, a.L, P, RB, n, Q);
+    for (int k = 0; k < RB; ++k)
+        vstore(&b.rel[k * W], D[k] / vmax(vload(&b.inorm[k * W]) * vsqrt_pos(Q[k]), splat(EPS)));
     int64_t pair = int64_t(i) * a.n_cap + j;
     a.s_i2t[pair] = pool(b.rel.data(), R, a.agg_i2t, a.lambda_lse);
     if (a.w_txt) {  // (n_cap, n_img, L): caption-major, as the head's batched product wants it
+        const vf last = (vi{0, 1, 2, 3, 4, 5, 6, 7} + (RB - 1) * W < R) ? splat(1) : splat(0);  // padded regions
         float* out = a.w_txt + (int64_t(j) * a.n_img + i) * a.L;
-        for (int l = 0; l < a.L; ++l) out[l] = l < n ? hsum(wacc[l]) / R : 0.0f;
+        for (int l = 0; l < n; ++l) {
+            vf w = P[l * RB + RB - 1] * last;
+            for (int k = 0; k < RB - 1; ++k) w += P[l * RB + k];
+            out[l] = hsum(w) / R;
+        }
+        std::fill(out + n, out + a.L, 0.0f);
     }
 }
 

@@ -230,3 +230,111 @@ def test_t2i_attention_equals_the_authors_loop_for_every_pair(norm):
             torch.testing.assert_close(attn[i, j, :n_words], expected[0], rtol=0, atol=1e-10)
             assert not attn[i, j, n_words:].any()
     torch.testing.assert_close(attn.sum(-1), mask[None].expand(N_IMG, -1, -1).to(attn.dtype), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the CPU's fused kernel (fused.cpp)
+
+@pytest.fixture
+def kernel():
+    import fused
+    if fused.library() is None:
+        pytest.skip('fused.cpp could not be built here (no C++ compiler?): scoring runs the eager code')
+    return fused
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Within the test, model.py runs its eager code (as without a compiler, or with CASC_FUSED=0)."""
+    import fused
+    monkeypatch.setitem(fused._state, 'tried', True)
+    monkeypatch.setitem(fused._state, 'lib', None)
+
+
+def paper_like(seed: int, dtype=torch.float32) -> tuple:
+    """36 regions (4 pad lanes in the kernel's last block of 8), captions of 1 to 25 words (1 to 4
+    blocks of 8), H = 16 (the head's fused tanh), K = 13 (the cosine's scalar tail)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([25, 1, 8, 9, 16, 17, 3])
+    img = model.l2norm(torch.randn(4, 36, 24, generator=g, dtype=dtype))
+    mask = torch.arange(25) < lens[:, None]
+    cap = model.l2norm(torch.randn(7, 25, 24, generator=g, dtype=dtype)) * mask[..., None]
+    head = model.LabelHead(24, 16, 13).to(dtype)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5, generator=g)
+    return img, cap, mask, lens, head
+
+
+def scores_of(img, cap, mask, head, cfg, **kw):
+    m = CASC(dataclasses.replace(cfg, embed_size=img.size(-1), label_hidden=head.fc1.out_features,
+                                 num_labels=head.fc2.out_features)).to(img.dtype)
+    m.head.load_state_dict(head.state_dict())
+    with torch.inference_mode():
+        return m.scores(prepare(img, None, m.head), prepare(cap, mask, m.head), **kw)
+
+
+@pytest.mark.parametrize('norm', ['clipped_l2norm', 'l2norm', 'clipped_l1norm', 'l1norm', 'clipped', 'no_norm'])
+@pytest.mark.parametrize('t2i_agg,i2t_agg', [('Mean', 'LogSumExp'), ('Max', 'Sum'), ('LogSumExp', 'Mean'), ('Sum', 'Max')])
+def test_fused_kernel_equals_the_eager_engine_and_the_authors_loop(kernel, norm, t2i_agg, i2t_agg, request):
+    img, cap, mask, lens, head = paper_like(seed=9)
+    cfg = Config(raw_feature_norm=norm, t2i_agg_func=t2i_agg, i2t_agg_func=i2t_agg)
+    assert kernel.applies(prepare(img, None, None), prepare(cap, mask, None), norm)
+    fast = scores_of(img, cap, mask, head, cfg)
+    request.getfixturevalue('eager')
+    slow = scores_of(img, cap, mask, head, cfg)
+    with torch.no_grad():
+        authors = ref.casc_scores(img.double(), cap.double(), lens, cfg, head.double())
+    tol = 1e-5 if 'Sum' in (t2i_agg, i2t_agg) else 2e-6  # float32 sums of up to 36 terms
+    for f in ('sims', 'local', 'label', 'logits_img'):
+        torch.testing.assert_close(getattr(fast, f), getattr(slow, f), rtol=0, atol=tol, msg=f)
+    assert (fast.sims.double() - authors['s']).abs().max() < 1e-5
+
+
+def test_fused_chunks_equal_one_shot_with_an_uneven_last_chunk(kernel):
+    img, cap, mask, _, head = paper_like(seed=10)
+    full = scores_of(img, cap, mask, head, Config()).sims
+    for i0, i1, j0, j1 in ((0, 3, 0, 7), (3, 4, 0, 7), (0, 4, 2, 5), (1, 2, 6, 7)):
+        part = scores_of(img[i0:i1], cap[j0:j1], mask[j0:j1], head, Config()).sims
+        torch.testing.assert_close(part, full[i0:i1, j0:j1], rtol=0, atol=1e-6)
+
+
+def test_without_a_compiler_scoring_falls_back_to_eager(kernel, monkeypatch, caplog):
+    img, cap, mask, _, head = paper_like(seed=11)
+    fast = scores_of(img, cap, mask, head, Config()).sims
+    monkeypatch.setenv('CXX', 'no-such-compiler-casc')
+    monkeypatch.setitem(kernel._state, 'tried', False)
+    monkeypatch.setitem(kernel._state, 'lib', None)
+    with caplog.at_level('WARNING'):
+        slow = scores_of(img, cap, mask, head, Config()).sims
+    assert kernel.library() is None and 'eager scoring' in caplog.text
+    torch.testing.assert_close(fast, slow, rtol=0, atol=2e-6)
+
+
+def test_kernel_stays_out_of_training_float64_and_softmax_norm(kernel):
+    img, cap, mask, _, _ = paper_like(seed=12)
+    sides = prepare(img, None, None), prepare(cap, mask, None)
+    assert kernel.applies(*sides, 'clipped_l2norm')
+    assert not kernel.applies(*sides, 'softmax')  # not in the kernel: eager
+    assert not kernel.applies(prepare(img.double(), None, None), prepare(cap.double(), mask, None), 'l2norm')
+    trained = prepare(img.requires_grad_(), None, None)
+    assert not kernel.applies(trained, sides[1], 'l2norm')  # gradients: eager (QuadForm's backward)
+
+
+@pytest.mark.parametrize('use_kernel', [True, False])
+def test_label_head_scores_a_transposed_view_in_place(use_kernel, request):
+    img, cap, mask, _, head = paper_like(seed=13)
+    request.getfixturevalue('kernel' if use_kernel else 'eager')
+    h = torch.randn(7, 4, 16)  # caption-major memory, seen as (n_img, n_cap, H)
+    with torch.inference_mode():
+        view, copy = head.from_hidden(h.transpose(0, 1)), head.from_hidden(h.transpose(0, 1).contiguous())
+        expected = head.fc2(torch.tanh(h.transpose(0, 1) + head.fc1.bias))
+    assert view.shape == (4, 7, 13) and view.transpose(0, 1).is_contiguous()
+    torch.testing.assert_close(view, copy, rtol=0, atol=1e-6)
+    torch.testing.assert_close(view, expected, rtol=0, atol=1e-5)
+
+
+def test_bf16_scores_stay_close_to_fp32():
+    img, cap, mask, _, head = paper_like(seed=14)
+    exact, bf16 = (scores_of(img, cap, mask, head, Config(), precision=p) for p in ('fp32', 'bf16'))
+    diff = (exact.sims - bf16.sims).abs().max().item()
+    assert 0 < diff < 2e-2, diff  # both large products (region-word and the head's W2) from bfloat16 inputs
+    assert (exact.logits_img - bf16.logits_img).abs().max() > 0
