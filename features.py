@@ -116,6 +116,7 @@ class Images(Dataset):
         return len(self.paths)
 
     def load(self, i: int) -> Image.Image:
+        """Image i decoded as load_rgb does, JPEGs no larger than both inputs need."""
         return load_rgb(self.paths[i], self.max_pixels, max(self.image_size, self.detector_size))
 
     def __getitem__(self, i: int):
@@ -350,6 +351,7 @@ def open_partials(outs: list, n: int, done: int) -> list:
 
 
 def remove_partials(outs: list):
+    """Remove this run's .partial files (those that exist)."""
     for p in outs:
         if os.path.exists(f'{p}.partial'):
             os.remove(f'{p}.partial')
@@ -437,6 +439,7 @@ def boxes_for(folder: str, split: str):
 # --- the run's time
 
 def seconds(t: float) -> str:
+    """'4.2 s' under a minute, else util.duration's '3 min 05 s'."""
     return f'{t:.1f} s' if t < 60 else util.duration(t)
 
 
