@@ -32,17 +32,15 @@ MIN_ITEMS = 32
 
 
 def plan_chunks(n_img: int, n_cap: int, R: int, L: int, cfg: Config, device, memory_gb: float,
-                min_chunks: int = 1) -> list:
+                min_chunks: int = 1, image_bytes: int = 0) -> list:
     """Image ranges [(i0, i1), ...] covering 0..n_img, for scoring n_img images of R regions against
     one batch of n_cap captions padded to L words: a chunk's transient tensors (BYTES_PER_CELL per
     (pair, region, word) cell, plus the label head's per-pair vectors) take at most memory_gb; on
     the CPU a chunk also holds at most CACHE_CELLS cells; at least min_chunks chunks (when there
     are as many images), at least one image per chunk. The one planner of all-pairs scoring:
-    evaluation, validation in training (plan_work), and search.py. The chunk's images themselves
-    count too (their prepared regions, Gram matrices and projections): a gallery index (index.py)
-    maps them chunk by chunk."""
-    per_image = (n_cap * (R * L * BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden))
-                 + 4 * R * (cfg.embed_size + R + cfg.label_hidden + 1))  # (R, d + R + H + 1) float32
+    evaluation, validation in training (plan_work), and search.py. image_bytes: one image's own
+    tensors when they are read chunk by chunk (a gallery index, index.row_bytes), else 0 (resident)."""
+    per_image = n_cap * (R * L * BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden)) + image_bytes
     step = int(memory_gb * 2 ** 30 // per_image)
     if torch.device(device).type == 'cpu':
         step = min(step, CACHE_CELLS // (n_cap * R * L))

@@ -128,6 +128,12 @@ class CaptionBatches:
                             part('gram', 'float32', L, L), part('proj', 'float32', L, H) if H else None)
 
 
+def row_bytes(side: Side) -> int:
+    """Bytes of one image's tensors when the Side is read chunk by chunk (MappedArrays); 0 when resident."""
+    mapped = [a for a in side if isinstance(a, MappedArray)]
+    return sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in mapped)
+
+
 def image_side(folder: str, meta: dict, device) -> Side:
     """The gallery's images as one Side of MappedArrays: search.top_images slices it chunk by chunk."""
     n, R, d, H = meta['n'], meta['R'], *meta['dims']

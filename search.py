@@ -77,7 +77,8 @@ def top_images(model: CASC, img: Side, queries: list, k: int, alpha=None, precis
     for idx, cap in queries:
         n_c, L = cap.mask.shape
         best = None
-        for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb):
+        for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb,
+                                  image_bytes=index.row_bytes(img)):  # a mapped gallery's chunk counts itself
             sims = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims  # (n, n_c)
             check_scores(sims, model, model_path, ims_path, range(i0, i1))
             best = merge_topk(best, sims.float().T, torch.arange(i0, i1, device=sims.device), k)  # (n_c, k)

@@ -188,7 +188,7 @@ def test_merge_topk_over_chunks_equals_a_full_stable_sort(k):
 def test_streamed_search_equals_a_full_sort_for_any_chunk_size(world, searcher, monkeypatch, step):
     chunks = []
 
-    def plan(n, *args):  # fixed chunks: 30 = 4 x 7 + 2
+    def plan(n, *args, **kw):  # fixed chunks: 30 = 4 x 7 + 2
         chunks.append([(i0, min(i0 + step, n)) for i0 in range(0, n, step)])
         return chunks[-1]
 
