@@ -223,16 +223,6 @@ def _karpathy_entry(json_path: str, i: int, entry) -> tuple:
     return split, name, caps
 
 
-def _unchanged(path: str, content: bytes, overwrite: bool) -> bool:
-    """True when path already holds content; ValueError when it holds other contents (not with overwrite)."""
-    def same(p):
-        with open(p, 'rb') as f:
-            return f.read() == content
-    if overwrite:  # identical files are still left as they are
-        return os.path.exists(path) and same(path)
-    return util.already_written(path, same, 'other contents', '--data_name')
-
-
 def from_karpathy(json_path: str, data_path: str, data_name: str, overwrite: bool = False) -> dict:
     """Karpathy's split file (dataset_{coco,flickr30k,flickr8k}.json) -> {split: number of images},
     for the splits that have images, after writing ``data_path/data_name/{split}_caps.txt`` (each
@@ -261,7 +251,7 @@ def from_karpathy(json_path: str, data_path: str, data_name: str, overwrite: boo
     folder = os.path.join(data_path, data_name)
     files = {os.path.join(folder, f'{s}_{kind}.txt'): ('\n'.join(lines) + '\n').encode('utf-8')
              for s, (names, caps) in splits.items() for kind, lines in (('caps', caps), ('image_names', names))}
-    kept = [path for path, content in files.items() if _unchanged(path, content, overwrite)]
+    kept = [path for path, content in files.items() if util.unchanged(path, content, overwrite, 'other contents', '--data_name')]
     util.check_writable(folder, '--data_path', folder=True)
     for path, content in files.items():
         if path not in kept:
@@ -342,13 +332,13 @@ def parse_args(argv=None):
                    help='with --from_karpathy: the folder that holds NAME (default: none; required with it)')
     p.add_argument('--data_name', metavar='NAME',
                    help='with --from_karpathy: the dataset folder, e.g. f30k_precomp (default: none; required with it)')
-    p.add_argument('--overwrite', action='store_true', help='with --from_karpathy: replace files with other contents')
-    p.add_argument('--seed', type=int, default=0, help='with --make_toy: random seed of the toy world')
+    p.add_argument('--overwrite', action='store_true', help='replace files with other contents (with --make_toy: toy data of another --seed)')
+    p.add_argument('--seed', type=util.seed, default=0, help='with --make_toy: random seed of the toy world')
     args = p.parse_args(argv)
     if args.from_karpathy and not (args.data_path and args.data_name):
         p.error('--from_karpathy needs --data_path and --data_name')
-    if args.make_toy and (args.data_path or args.data_name or args.overwrite):
-        p.error('--data_path, --data_name and --overwrite go with --from_karpathy, not --make_toy')
+    if args.make_toy and (args.data_path or args.data_name):
+        p.error('--data_path and --data_name go with --from_karpathy, not --make_toy')
     return args
 
 
@@ -357,7 +347,7 @@ def main(argv=None):
     with util.one_line_errors():
         if args.from_karpathy:
             return from_karpathy(args.from_karpathy, args.data_path, args.data_name, args.overwrite)
-    return toy.main(['--seed', str(args.seed), '--', args.make_toy])
+    return toy.main(['--seed', str(args.seed), *(['--overwrite'] if args.overwrite else []), '--', args.make_toy])
 
 
 if __name__ == '__main__':

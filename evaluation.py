@@ -212,9 +212,10 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     (the others return None)."""
     check_memory_budget(eval_memory_gb)
     for path in _fold_paths(save_sims, 5 if fold5 else 1):  # every file written, not only FILE.npy
-        if path:
-            util.check_writable(path, '--save_sims')
-            util.check_writable(_ranks_path(path), '--save_sims')
+        for file in ([path, _ranks_path(path)] if path else []):
+            util.check_writable(file, '--save_sims')
+            if os.path.exists(file) and not overwrite:  # a score matrix may have taken an hour to make
+                raise ValueError(f'--save_sims {file} exists: pass --overwrite to replace it, or choose another file')
     if examples:
         report.check_out(out, 'examples.html', overwrite)
     device = parallel.start(util.pick_device(device))
@@ -285,7 +286,7 @@ def parse_args(argv=None):
     p.add_argument('--examples', type=util.nonneg_int, default=0, metavar='N',
                    help='write N retrieval examples each way')
     p.add_argument('--out', default='examples', help='folder of the examples report, DIR/examples.html')
-    p.add_argument('--overwrite', action='store_true', help='replace an examples report (and its pictures) in --out')
+    p.add_argument('--overwrite', action='store_true', help='replace the files of --save_sims and an examples report (and its pictures) in --out')
     p.add_argument('--image_dir', help='images, shown in the report when the split has {split}_image_names.txt '
                                        '(default: none)')
     p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')

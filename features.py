@@ -489,7 +489,7 @@ def parse_args(argv=None):
     p.add_argument('--batch_size', type=util.positive_int, default=32, help='images per forward pass')
     p.add_argument('--workers', type=util.nonneg_int, default=2, help='image decoding processes')
     p.add_argument('--device', help='cuda, cpu or mps (default: cuda when present, else mps, else cpu)')
-    p.add_argument('--seed', type=int, default=0, help='random weights of --weights none')
+    p.add_argument('--seed', type=util.seed, default=0, help='random weights of --weights none')
     p.add_argument('--overwrite', action='store_true',
                    help='replace an existing output (and remove the boxes of a boxes run), restart a partial run')
     args = p.parse_args(argv)

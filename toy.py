@@ -60,21 +60,12 @@ def make_toy(out_dir: str, seed: int = 0, regions: int = 12, img_dim: int = 64, 
     files = _toy_files(seed, regions, img_dim, sizes or TOY_SPLITS)
     folder = os.path.join(out_dir, 'toy_precomp')
     todo = {name: content for name, content in files.items()
-            if not _unchanged(os.path.join(folder, name), content, overwrite)}
+            if not util.unchanged(os.path.join(folder, name), content, overwrite,
+                                          'other toy data (another --seed?)', 'DIR')}
     os.makedirs(folder, exist_ok=True)
     for name, content in todo.items():
         util.atomic_write(os.path.join(folder, name), lambda f: f.write(content))
     return folder
-
-
-def _unchanged(path: str, content: bytes, overwrite: bool) -> bool:
-    """True when path already holds content; ValueError when it holds other contents (not with overwrite)."""
-    def same(p):
-        with open(p, 'rb') as f:
-            return f.read() == content
-    if overwrite:
-        return os.path.exists(path) and same(path)
-    return util.already_written(path, same, 'other toy data (another --seed?)', 'DIR')
 
 
 def _toy_files(seed: int, regions: int, img_dim: int, sizes: dict) -> dict:
@@ -104,7 +95,7 @@ def _toy_files(seed: int, regions: int, img_dim: int, sizes: dict) -> dict:
 def parse_args(argv=None):
     p = util.parser(__doc__)
     p.add_argument('out_dir', metavar='DIR', help='write the toy data to DIR/toy_precomp')
-    p.add_argument('--seed', type=int, default=0, help='random seed of the toy world')
+    p.add_argument('--seed', type=util.seed, default=0, help='random seed of the toy world')
     p.add_argument('--overwrite', action='store_true', help='replace toy data of another seed in DIR/toy_precomp')
     return p.parse_args(argv)
 

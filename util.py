@@ -182,6 +182,18 @@ def already_written(path: str, same, other: str, flag: str = '--vocab_path') -> 
     raise ValueError(f'{path} exists and holds {other}: pass --overwrite to replace it, or choose another {flag}')
 
 
+def unchanged(path: str, content: bytes, overwrite: bool, other: str, flag: str) -> bool:
+    """Before writing `content` to path: True when path already holds exactly it (left as it is, with
+    or without overwrite); ValueError (already_written's) when it holds other contents, unless
+    overwrite; False when it is to be written."""
+    def same(p):
+        with open(p, 'rb') as f:
+            return f.read() == content
+    if overwrite:
+        return os.path.exists(path) and same(path)
+    return already_written(path, same, other, flag)
+
+
 def read_text_lines(path: str) -> list:
     """A UTF-8 text file -> [(line number, line stripped of surrounding whitespace)]; a BOM
     (Windows editors) is dropped; ValueError naming the file and line of a line that is not UTF-8."""

@@ -110,6 +110,19 @@ def test_output_paths_are_checked_before_scoring(world, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_an_existing_save_sims_file_is_kept_without_overwrite(world, tmp_path, capsys):
+    """--save_sims never replaces a score matrix (or its ranks) of an earlier run without --overwrite,
+    and says so before scoring."""
+    for name in ('a.npy', 'b_ranks.npz'):
+        (tmp_path / name).write_bytes(b'earlier')
+        msg = refusal(world, capsys, '--save_sims', str(tmp_path / ('a.npy' if name == 'a.npy' else 'b.npy')))
+        assert msg == f'error: --save_sims {tmp_path / name} exists: pass --overwrite to replace it, or choose another file'
+    assert (tmp_path / 'a.npy').read_bytes() == b'earlier' and (tmp_path / 'b_ranks.npz').read_bytes() == b'earlier'
+    evaluation.main(eval_argv(world, '--save_sims', str(tmp_path / 'a.npy'), '--overwrite'))
+    assert np.load(tmp_path / 'a.npy').dtype == np.float32
+
+
+@pytest.mark.slow
 def test_every_file_save_sims_and_out_write_is_checked_before_scoring(world, tmp_path, capsys):
     """Not only FILE.npy: its FILE_ranks.npz, the per-fold files of --fold5 and DIR/examples.html."""
     (tmp_path / 'a_ranks.npz').mkdir()

@@ -257,6 +257,24 @@ def test_toy_data_of_another_seed_is_not_replaced_without_overwrite(tmp_path, ca
     assert capsys.readouterr().out == ''
 
 
+def test_data_py_make_toy_passes_overwrite_and_checks_seed(tmp_path, capsys):
+    """python data.py --make_toy DIR is toy.py DIR: --overwrite replaces another seed's toy data there,
+    and a --seed numpy cannot take is refused naming the flag (not numpy's own message)."""
+    out = str(tmp_path / 'd')
+    data.main(['--make_toy', out, '--seed', '1'])
+    before = open(os.path.join(out, 'toy_precomp', 'train_ims.npy'), 'rb').read()
+    with pytest.raises(SystemExit) as e:
+        data.main(['--make_toy', out])
+    assert '--overwrite' in e.value.code
+    data.main(['--make_toy', out, '--overwrite'])  # seed 0 replaces seed 1
+    assert open(os.path.join(out, 'toy_precomp', 'train_ims.npy'), 'rb').read() != before
+    for main in (data.main, lambda argv: toy_lib.main(argv[1:])):
+        for seed in ('-5', str(2 ** 70)):
+            with pytest.raises(SystemExit) as e:
+                main(['--make_toy', out, '--seed', seed])
+            assert e.value.code == 2 and '--seed' in capsys.readouterr().err
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / 'file').write_text('')  # a file where --make_toy needs a folder
     with pytest.raises(SystemExit) as e:

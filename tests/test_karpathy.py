@@ -206,7 +206,7 @@ def test_cli_needs_data_path_and_name_with_from_karpathy_and_one_of_the_two_task
                        (['--from_karpathy', 'x.json', '--data_name', 'n'], 'needs --data_path and --data_name'),
                        ([], 'one of the arguments --make_toy --from_karpathy is required'),
                        (['--make_toy', 'd', '--from_karpathy', 'x.json'], 'not allowed with'),
-                       (['--make_toy', 'd', '--overwrite'], 'go with --from_karpathy')):
+                       (['--make_toy', 'd', '--data_name', 'n'], 'go with --from_karpathy')):
         with pytest.raises(SystemExit) as e:
             data.parse_args(argv)
         assert e.value.code == 2 and says in capsys.readouterr().err
