@@ -12,6 +12,7 @@
 //       rel_r = (sum_l b_rl s_rl) / max(||v_r|| sqrt(b_r.^T G_cap b_r.), eps); w_txt_l = mean_r b_rl
 //   then rel is pooled over the queries (Mean, Max, Sum, LogSumExp).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -101,7 +102,11 @@ static inline float scale_of(float acc, int norm, float lam) {  // lam / (||x|| 
 struct Buffers {  // one thread's scratch: A (R x LP) word lanes, AT (n x RP) region lanes, etc.
     std::vector<float> A, AT, rel, cnorm, cscale, rscale, inorm;
     std::vector<vf> P, Q, D;  // attention (R x NB or n x RB vectors), quad forms, dots (C++17 new: aligned)
-    Buffers(int R, int L) {
+    int R = -1, L = -1;
+    Buffers(int R_, int L_) { fit(R_, L_); }
+    void fit(int R_, int L_) {
+        if (R_ <= R && L_ <= L) return;
+        R = std::max(R, R_), L = std::max(L, L_);
         int LP = (L + W - 1) / W * W, RP = (R + W - 1) / W * W;
         A.resize(RP * LP); P.resize(std::max(RP * LP, LP * RP) / W); Q.resize(LP + RP); D.resize(LP + RP);
         AT.resize(LP * RP); rel.resize(LP + RP);
@@ -261,17 +266,23 @@ static void i2t_pair(const Args& a, int i, int j, int n, Buffers& b) {
     }
 }
 
-// Splits [0, n) over n_threads threads (the calling one included); fn(begin, end).
+// fn(begin, end) over [0, n) in blocks of `grain`, taken in turn by n_threads threads (the calling
+// one included): a thread slowed by another process takes fewer blocks instead of being waited for.
 template <class Fn> static void parallel(int64_t n, int n_threads, int64_t grain, Fn fn) {
-    int T = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, n / std::max<int64_t>(1, grain))));
+    std::atomic<int64_t> next{0};
+    auto work = [&]() {
+        for (int64_t p0; (p0 = next.fetch_add(grain)) < n;) fn(p0, std::min(n, p0 + grain));
+    };
+    int T = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, (n + grain - 1) / grain)));
     std::vector<std::thread> rest;
-    for (int t = 1; t < T; ++t) rest.emplace_back(fn, n * t / T, n * (t + 1) / T);
-    fn(0, n / T);
+    for (int t = 1; t < T; ++t) rest.emplace_back(work);
+    work();
     for (auto& th : rest) th.join();
 }
 
 static void run_range(const Args& a, int64_t p0, int64_t p1) {
-    Buffers b(a.R, a.L);
+    thread_local Buffers b(0, 0);  // grown to the largest chunk seen, reused by every block of this thread
+    b.fit(a.R, a.L);
     for (int64_t p = p0; p < p1; ++p) {
         int i = int(p / a.n_cap), j = int(p % a.n_cap), n = a.lens[j];
         if (p == p0 || j == 0) std::copy(a.img_norm + int64_t(i) * a.R, a.img_norm + int64_t(i + 1) * a.R, b.inorm.begin());
@@ -288,7 +299,7 @@ extern "C" int casc_cross_attention(
     float* s_t2i, float* s_i2t, float* w_img, float* w_txt, int n_threads) {
     Args a{s, ld, n_img, R, n_cap, L, lens, img_norm, img_gram, cap_norm, cap_gram, norm, clipped,
            lam_t2i, lam_i2t, agg_t2i, agg_i2t, lambda_lse, s_t2i, s_i2t, w_img, w_txt};
-    parallel(int64_t(n_img) * n_cap, n_threads, 16, [&a](int64_t p0, int64_t p1) { run_range(a, p0, p1); });
+    parallel(int64_t(n_img) * n_cap, n_threads, 64, [&a](int64_t p0, int64_t p1) { run_range(a, p0, p1); });
     return 0;
 }
 

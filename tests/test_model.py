@@ -338,3 +338,23 @@ def test_bf16_scores_stay_close_to_fp32():
     diff = (exact.sims - bf16.sims).abs().max().item()
     assert 0 < diff < 2e-2, diff  # both large products (region-word and the head's W2) from bfloat16 inputs
     assert (exact.logits_img - bf16.logits_img).abs().max() > 0
+
+
+def test_fused_kernel_threads_give_identical_results(kernel):
+    """Blocks of 64 pairs go to whichever thread is free: results identical for any thread count."""
+    img, cap, mask, _, head = paper_like(seed=15)
+    img = torch.cat([img] * 5)  # 20 images x 7 captions = 140 pairs: 3 blocks
+    sides = prepare(img, None, head), prepare(cap, mask, head)
+    s_rw = sides[0].emb.flatten(0, 1) @ sides[1].emb.flatten(0, 1).T  # (20 * 36, 7 * 25)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            outs.append(kernel.cross_attention(s_rw, *sides, raw_feature_norm='clipped_l2norm', lambda_t2i=9.0,
+                                               lambda_i2t=4.0, t2i_agg='Mean', i2t_agg='LogSumExp', lambda_lse=6.0,
+                                               pooled=True))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
