@@ -36,7 +36,7 @@ from data import PrecompDataset, check_image_names, read_image_names
 from encode import encode_captions, encode_images, images_slice
 from evaluation import check_memory_budget, check_model_fits, check_scores, plan_chunks
 from model import CASC, PRECISIONS, Side
-from vocab import encode, too_long, tokenize
+from vocab import encode, query_tokens
 
 # Text queries are encoded and scored in batches of this many, sorted by length: queries come in any
 # lengths, and small batches pad less (100 queries of Flickr30K's caption lengths over 1,000 images on
@@ -116,17 +116,6 @@ def top_captions(model: CASC, img: Side, caps: list, k: int, alpha=None, precisi
 
 def _short(text: str, n: int = 60) -> str:
     return repr(text if len(text) <= n else text[:n - 3] + '...')
-
-
-def query_tokens(query: str, where: str) -> list:
-    """The project's tokens of a text query; ValueError naming `where` when it is longer than a
-    caption can be or has no word (empty, or punctuation only)."""
-    if too_long(query):
-        raise ValueError(f'{where} {too_long(query)}')
-    tokens = tokenize(query)
-    if not any(ch.isalnum() for t in tokens for ch in t):
-        raise ValueError(f'{where}: no words to search for')
-    return tokens
 
 
 def read_lines(path: str, flag: str) -> list:
@@ -428,8 +417,8 @@ def main(argv=None) -> list:
                             args.device, args.precision, args.eval_memory_gb, args.alpha,
                             None if args.index_dir == 'none' else args.index_dir)
         if args.serve:  # imported here: the plain command line needs no web server library
-            import server
-            return server.main(searcher, args)
+            import webapp
+            return webapp.main(searcher, args)
         if args.out:
             searcher.check_page(args.image_dir)  # before any scoring
         results = searcher.text(queries, args.k) if queries else searcher.image(args.image, args.k)

@@ -2,8 +2,10 @@
 
     python search.py --serve --model_path M --data_path D --split test [--image_dir IMAGES] [--port 8000]
 
-search.py parses the flags and builds the Searcher; this file serves it with FastAPI on uvicorn
-(validated parameters, OpenAPI docs at /docs, HTTP done by a well-kept server, not by hand).
+search.py parses the flags and builds the Searcher; webapp.py holds the FastAPI routes, the page and
+the uvicorn loop (validated parameters, OpenAPI docs at /docs, HTTP done by a well-kept server, not by
+hand); this file holds what serves them: the one model thread, the checks of request parameters, the
+files under --image_dir and the listening socket.
 
     GET  /api/search?q=TEXT&k=10        exactly what `search.py --json --query TEXT --k 10` prints
     GET  /api/search?image=N|NAME&k=10  as `--image`
@@ -21,10 +23,9 @@ import ipaddress
 import os
 import queue
 import socket
-import sys
 import threading
 
-import search
+from vocab import query_tokens
 
 K_MAX = 1000  # most results a request may ask for
 MAX_BATCH = 64  # text queries scored together at most
@@ -111,7 +112,7 @@ def check_query(q: str) -> str:
     if q is None or not q.strip():
         raise ApiError(400, 'q: empty query')
     try:
-        search.query_tokens(q, 'q')
+        query_tokens(q, 'q')
     except ValueError as e:
         raise bad('q', e) from None
     return q
@@ -162,38 +163,3 @@ def listen(host: str, port: int) -> socket.socket:
         raise ValueError(f'--port {port}: cannot listen on {host}:{port} ({e.strerror})') from None
     sock.listen(128)
     return sock
-
-
-def serve(searcher, host: str = '127.0.0.1', port: int = 8000, image_dir: str = None, max_upload_mb: float = 10,
-          photos=None, info: dict = None, log=None):
-    """Open the gallery (building its index once), listen, print the URL, serve until Ctrl-C or
-    SIGTERM, then print one line."""
-    import uvicorn
-
-    import webapp
-    searcher.gallery_images(), searcher.gallery_captions()  # built (or mapped) before the URL is printed
-    app = webapp.create_app(searcher, Worker(searcher), image_dir, max_upload_mb, photos, info)
-    sock = listen(host, port)
-    if not is_loopback(host):
-        print(f'warning: --host {host}: the server has no authentication: anyone who can reach this address can '
-              f'query the model and read the images under --image_dir', file=log or sys.stderr, flush=True)
-    where = sock.getsockname()
-    url_host = f'[{where[0]}]' if ':' in where[0] else where[0]
-    server = uvicorn.Server(uvicorn.Config(app, log_level='warning', access_log=False, lifespan='off'))
-    ds = searcher.dataset
-    print(f'serving the {ds.split} split ({ds.n_images} images, {len(ds.raw_captions)} captions) at '
-          f'http://{url_host}:{where[1]}/ (Ctrl-C stops it)', flush=True)
-    try:
-        server.run(sockets=[sock])  # Ctrl-C: uvicorn finishes the requests under way, then raises it again
-    except KeyboardInterrupt:
-        pass
-    print('server stopped', file=log or sys.stderr, flush=True)
-
-
-def main(searcher, args):
-    """search.py --serve: uploads through features.py's extractor when the gallery's record allows."""
-    import photo
-    photos = photo.Photos(searcher.dataset.ims_path, searcher.dataset.split, searcher.device)
-    info = {'model': os.path.abspath(args.model_path), 'index': searcher.gallery and searcher.gallery.index_dir,
-            'uploads_off': photos.why_not}
-    serve(searcher, args.host, args.port, args.image_dir, args.max_upload_mb, photos, info)

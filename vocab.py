@@ -112,6 +112,17 @@ def too_long(text: str) -> str:
     return f'has {len(text):,} characters, more than a caption can ({MAX_CAPTION_CHARS:,})'
 
 
+def query_tokens(query: str, where: str) -> list:
+    """The project's tokens of a text query; ValueError naming `where` when it is longer than a
+    caption can be or has no word (empty, or punctuation only)."""
+    if too_long(query):
+        raise ValueError(f'{where} {too_long(query)}')
+    tokens = tokenize(query)
+    if not any(ch.isalnum() for t in tokens for ch in t):
+        raise ValueError(f'{where}: no words to search for')
+    return tokens
+
+
 def read_captions(path: str) -> list:
     """One caption per line (UTF-8). ValueError naming the file and line of an empty, over-long
     (over MAX_CAPTION_CHARS: a missing line break, or not a caption file) or non-UTF-8 line."""

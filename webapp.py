@@ -1,4 +1,5 @@
-"""The server's routes (FastAPI) and its page, drawn by report.py's renderer (server.py serves it).
+"""The server's routes (FastAPI), its page (drawn by report.py's renderer) and the serving loop of
+search.py --serve (uvicorn on server.py's socket, every model call on server.Worker).
 
 The page works without scripts (report.SERVER_CSP forbids them): a GET form for text queries
 (/?q=TEXT is a link to its results), a POST form for a photo, heat maps in closed <details> whose
@@ -8,6 +9,8 @@ report.esc; the one URL made from data (a heat map's) holds the query percent-en
 import base64
 import functools
 import io
+import os
+import sys
 from types import SimpleNamespace
 from urllib.parse import quote
 
@@ -19,8 +22,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 import report
-import search
-from server import K_MAX, PAGE_K, ApiError, check_image, check_query, image_file
+import server
+from server import K_MAX, PAGE_K, ApiError, Worker, check_image, check_query, image_file
+from vocab import query_tokens
 
 UPLOAD_DOC = {'requestBody': {'required': True, 'content': {'multipart/form-data': {'schema': {
     'type': 'object', 'required': ['image'], 'properties': {'image': {'type': 'string', 'format': 'binary'}}}}}}}
@@ -211,7 +215,7 @@ def attention_html(ctx, q: str, i: int) -> str:
     known = ctx.searcher.vocab.word2idx
     src = f'/heatmap.png?q={quote(q, safe="")}&image={int(i)}&word='  # percent-encoded: no quote or < survives
     figures = ''.join(report.figure_html(f'{src}{w}', w, word, word not in known, lazy=True)
-                      for w, word in enumerate(search.query_tokens(q, 'q'), 1))
+                      for w, word in enumerate(query_tokens(q, 'q'), 1))
     return (f'<details class="attention"><summary>Where each word looks</summary>'
             f'<div class="heatmaps">{figures}</div></details>')
 
@@ -262,3 +266,40 @@ def _page(app: FastAPI, ctx):
             return render(ctx, '', [await run_in_threadpool(photo_section, res, data)])
         except ApiError as e:
             return render(ctx, '', [f'<p class="error">{report.esc(e)}</p>'], e.status)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving: search.py --serve.
+
+def serve(searcher, host: str = '127.0.0.1', port: int = 8000, image_dir: str = None, max_upload_mb: float = 10,
+          photos=None, info: dict = None, log=None):
+    """Open the gallery (building its index once), listen, print the URL, serve until Ctrl-C or
+    SIGTERM, then print one line."""
+    import uvicorn
+
+    searcher.gallery_images(), searcher.gallery_captions()  # built (or mapped) before the URL is printed
+    app = create_app(searcher, Worker(searcher), image_dir, max_upload_mb, photos, info)
+    sock = server.listen(host, port)
+    if not server.is_loopback(host):
+        print(f'warning: --host {host}: the server has no authentication: anyone who can reach this address can '
+              f'query the model and read the images under --image_dir', file=log or sys.stderr, flush=True)
+    where = sock.getsockname()
+    url_host = f'[{where[0]}]' if ':' in where[0] else where[0]
+    http = uvicorn.Server(uvicorn.Config(app, log_level='warning', access_log=False, lifespan='off'))
+    ds = searcher.dataset
+    print(f'serving the {ds.split} split ({ds.n_images} images, {len(ds.raw_captions)} captions) at '
+          f'http://{url_host}:{where[1]}/ (Ctrl-C stops it)', flush=True)
+    try:
+        http.run(sockets=[sock])  # Ctrl-C: uvicorn finishes the requests under way, then raises it again
+    except KeyboardInterrupt:
+        pass
+    print('server stopped', file=log or sys.stderr, flush=True)
+
+
+def main(searcher, args):
+    """search.py --serve: uploads through features.py's extractor when the gallery's record allows."""
+    import photo
+    photos = photo.Photos(searcher.dataset.ims_path, searcher.dataset.split, searcher.device)
+    info = {'model': os.path.abspath(args.model_path), 'index': searcher.gallery and searcher.gallery.index_dir,
+            'uploads_off': photos.why_not}
+    serve(searcher, args.host, args.port, args.image_dir, args.max_upload_mb, photos, info)
