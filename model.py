@@ -3,7 +3,7 @@
 Legend: B batch (n_img == n_cap == B in training), R regions (36), L max words in a batch
 (<start> and <end> included), d embed (1024), K labels (500), H label-head hidden (512).
 
-The all-pairs scores use the exact identities of CASC_SPEC section 8, so no (pairs x L x d)
+The all-pairs scores use three exact identities, so no (pairs x L x d)
 tensor ever exists:
   * one product S = V W^T of all regions with all words serves t2i (words attend to regions)
     and i2t (regions attend to words);

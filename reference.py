@@ -1,6 +1,6 @@
 """The authors' CASC scoring, as a faithful slow loop: one caption at a time, sliced to its true
 length and repeated over all images, with every attended vector materialized (as in their
-model.py, minus its bugs; CASC_SPEC sections 4-6, 8b). It is the yardstick of every exactness
+model.py, minus its bugs: padded words masked out, float32, any device). It is the yardstick of every exactness
 claim about the engine (model.py) in the tests, and the "authors' algorithm" of bench.py;
 nothing else imports it. Slow on purpose: every step is written out to be checked by eye.
 
@@ -147,7 +147,7 @@ def hinge_loss_vectorized(scores: Tensor, margin: float, max_violation: bool) ->
 def train_loss(img_emb: Tensor, cap_emb: Tensor, cap_lens: Tensor, targets: Tensor, cfg: Config,
                head: LabelHead, pos_weight: Tensor) -> Tensor:
     """img_emb (B, R, d), cap_emb (B, L, d), cap_lens (B,), targets (B, K) multi-hot -> scalar loss
-    hinge(s_loc) + label_weight * (BCE(f(u_img_ii), y) + BCE(f(u_txt_ii), y)), spec section 5, with
+    hinge(s_loc) + label_weight * (BCE(f(u_img_ii), y) + BCE(f(u_txt_ii), y)) (the paper's loss), with
     cfg's score options, margin, max_violation and label_weight. As the authors: all B x B pooled
     contexts are materialized, the head sees the diagonal only."""
     out = _local(img_emb, cap_emb, cap_lens, cfg)
