@@ -327,7 +327,8 @@ def quiet_ctrl_c(name: str):
 
 @contextlib.contextmanager
 def one_line_errors(on_interrupt=None):
-    """Turn a bad file or flag (OSError, ValueError) into 'error: ...' and exit 1, and Ctrl-C into
+    """Turn a bad file or flag (OSError, ValueError) into 'error: ...' (control characters escaped,
+    util.printable) and exit 1, and Ctrl-C into
     on_interrupt()'s line (default 'interrupted') and exit 130, the shell's code for SIGINT."""
     if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # from here on, Ctrl-C is KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -336,8 +337,8 @@ def one_line_errors(on_interrupt=None):
     except KeyboardInterrupt:
         print(on_interrupt() if on_interrupt else 'interrupted', file=sys.stderr, flush=True)
         sys.exit(130)
-    except (OSError, ValueError) as e:
-        sys.exit(f'error: {e}')
+    except (OSError, ValueError) as e:  # messages quote file lines and names: escaped, and one line
+        sys.exit(f'error: {printable(e)}')
 
 
 def pick_device(name=None):

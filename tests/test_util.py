@@ -292,3 +292,11 @@ def test_flag_type_error_through_argparse_is_exit_2_with_the_flag(capsys):
         err = capsys.readouterr().err
         assert f"argument --eval_memory_gb: expected a positive number, got '{text}'" in err
     assert math.isfinite(p.parse_args([]).eval_memory_gb)
+
+
+def test_one_line_errors_escape_control_characters_of_the_message(capsys):
+    """An error quoting data text (a caption line, an image name with ESC or a newline) stays one
+    line on stderr and cannot act on the user's terminal."""
+    with pytest.raises(SystemExit) as e, util.one_line_errors():
+        raise ValueError('caps.txt: line 3: \x1b]0;owned\x07 a dog\nrm -rf')
+    assert e.value.code == 'error: caps.txt: line 3: \\x1b]0;owned\\x07 a dog\\nrm -rf'
