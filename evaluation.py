@@ -21,75 +21,17 @@ import parallel
 import report
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_img_dim
-from encode import encode_captions, encode_images, images_slice
-from model import CASC, PRECISIONS, Config, Side
-
-BYTES_PER_CELL = 4 * 12  # float32 (pair, region, word) tensors alive at once in cross_attention
-CACHE_CELLS = 1 << 20  # (pair, region, word) cells per chunk: 4 MB tensors stay in cache, ~1.5x faster
-# Work items of one all-pairs pass, at least: N processes share them to within 1/MIN_ITEMS of the pairs
-# each whatever the memory budget (a 1,000 x 5,000 pass has 40 caption batches: its chunks are unchanged).
-MIN_ITEMS = 32
-
-
-def plan_chunks(n_img: int, n_cap: int, R: int, L: int, cfg: Config, device, memory_gb: float,
-                min_chunks: int = 1, image_bytes: int = 0) -> list:
-    """Image ranges [(i0, i1), ...] covering 0..n_img, for scoring n_img images of R regions against
-    one batch of n_cap captions padded to L words: a chunk's transient tensors (BYTES_PER_CELL per
-    (pair, region, word) cell, plus the label head's per-pair vectors) take at most memory_gb; on
-    the CPU a chunk also holds at most CACHE_CELLS cells; at least min_chunks chunks (when there
-    are as many images), at least one image per chunk. The one planner of all-pairs scoring:
-    evaluation, validation in training (plan_work), and search.py. image_bytes: one image's own
-    tensors when they are read chunk by chunk (a gallery index, index.row_bytes), else 0 (resident)."""
-    per_image = n_cap * (R * L * BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden)) + image_bytes
-    step = int(memory_gb * 2 ** 30 // per_image)
-    if torch.device(device).type == 'cpu':
-        step = min(step, CACHE_CELLS // (n_cap * R * L))
-    step = max(1, min(step, -(-n_img // min_chunks)))
-    return [(i0, min(i0 + step, n_img)) for i0 in range(0, n_img, step)]
-
-
-def plan_work(n_img: int, R: int, caps: list, cfg: Config, device, memory_gb: float) -> list:
-    """One all-pairs pass of n_img images of R regions against caption batches [(caption indices,
-    Side)] -> its work items [(caption batch, i0, i1)]: plan_chunks's chunks of each batch, at
-    least MIN_ITEMS items in all. The same whatever the number of processes, which share the items
-    out (parallel.deal): each score is computed in the same chunk, so the matrix is bit-identical."""
-    per_batch = -(-MIN_ITEMS // len(caps))  # chunks per caption batch, at least
-    return [(b, i0, i1) for b, (idx, cap) in enumerate(caps)
-            for i0, i1 in plan_chunks(n_img, len(idx), R, cap.mask.shape[1], cfg, device, memory_gb, per_batch)]
-
-
-@torch.inference_mode()
-def compute_sims(model: CASC, img: Side, caps: list, memory_gb: float = 2.0, alpha=None,
-                 precision: str = 'fp32', progress: bool = True, log=None) -> Tensor:
-    """Score matrix (n_img, n_cap) float32 on the CPU, chunked so that the transient tensors of
-    one chunk take at most `memory_gb` whatever the split size (on the CPU, chunks are also kept
-    small enough for their (pair, region, word) tensors to stay in cache). Under torchrun each
-    process scores about 1/N of the pairs (plan_work) and rank 0 gets the whole matrix (the
-    others a part)."""
-    n_img, R, _ = img.emb.shape
-    n_cap = sum(len(idx) for idx, _ in caps)
-    sims = torch.zeros(n_img, n_cap) if parallel.world() > 1 else torch.empty(n_img, n_cap)
-    work = plan_work(n_img, R, caps, model.cfg, img.emb.device, memory_gb)
-    pairs = [(i1 - i0) * len(caps[b][0]) for b, i0, i1 in work]  # (items,)
-    mine = parallel.deal(pairs)
-    bar = util.progress(total=sum(pairs[k] for k in mine), desc='similarity', unit='pair', unit_scale=True,
-                        log=log, enabled=progress)
-    for k in mine:
-        b, i0, i1 = work[k]
-        idx, cap = caps[b]
-        chunk = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims  # (i1 - i0, n_c)
-        sims[i0:i1, idx] = chunk.float().cpu()
-        bar.update(chunk.numel())
-    bar.close()
-    return parallel.sum_to_main(sims, img.emb.device)
+from encode import encode_captions, encode_images
+from model import CASC, PRECISIONS
+from scoring import check_scores, compute_sims, non_finite, plan_chunks  # noqa: F401  (plan_chunks: bench.py's)
 
 
 def ranks(sims: Tensor, im_div: int) -> tuple:
     """sims (n_img, n_cap), caption j showing image j // im_div -> 0-based ranks
     (i2t (n_img,), t2i (n_cap,)). Ties count against the query: a constant score never looks good.
     ValueError for a NaN or inf score (check_scores names its cause)."""
-    if _non_finite(sims):
-        raise ValueError(f'{_non_finite(sims)}: not ranked')
+    if non_finite(sims):
+        raise ValueError(f'{non_finite(sims)}: not ranked')
     n_img, n_cap = sims.shape
     gt = torch.arange(n_cap) // im_div  # (n_cap,) image of each caption
     pos = sims[gt, torch.arange(n_cap)]  # (n_cap,) score of each caption with its own image
@@ -98,29 +40,6 @@ def ranks(sims: Tensor, im_div: int) -> tuple:
     n_gt_at_best = (pos.view(n_img, im_div) >= best[:, None]).sum(1)
     i2t = (sims >= best[:, None]).sum(1) - n_gt_at_best  # wrong captions at least as high
     return i2t, t2i
-
-
-def _non_finite(sims: Tensor) -> str:
-    """'' when every score is finite, else how many are not."""
-    n_bad = int((~torch.isfinite(sims)).sum())
-    return f'{n_bad} of {sims.numel()} scores are NaN or inf' if n_bad else ''
-
-
-def check_scores(sims: Tensor, model: CASC, model_path: str, ims_path: str, rows=None):
-    """sims (n_img, n_cap) of the images `rows` (n_img,) of the features file ims_path (default
-    0..n_img-1) -> ValueError, one line, when a score is NaN or inf (ranked, a NaN would count as a
-    hit: every comparison with it is false), naming the checkpoint when one of its weights is not
-    finite, else the features file and its first image with such a score."""
-    bad = _non_finite(sims)
-    if not bad:
-        return
-    weights = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
-    if weights:
-        more = f' (and {len(weights) - 1} more)' if len(weights) > 1 else ''
-        raise ValueError(f'{model_path}: weight {weights[0]}{more} holds NaN or inf, so {bad}: refusing to rank them')
-    i = int(torch.isfinite(sims).all(1).logical_not().nonzero()[0])
-    raise ValueError(f'{ims_path}: image {i if rows is None else int(rows[i])} gives NaN or inf scores with '
-                     f'{model_path}, whose weights are finite (features too large?); {bad}: refusing to rank them')
 
 
 def recall_metrics(sims: Tensor, im_div: int) -> dict:

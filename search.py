@@ -27,88 +27,21 @@ util.quiet_ctrl_c(__name__)
 
 import numpy as np
 import torch
-from torch import Tensor
 
 import index
 import report
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_image_names, read_image_names
-from encode import encode_captions, encode_images, images_slice
-from evaluation import check_memory_budget, check_model_fits, check_scores, plan_chunks
-from model import CASC, PRECISIONS, Side
+from encode import encode_captions, encode_images
+from evaluation import check_memory_budget, check_model_fits
+from model import PRECISIONS, Side
+from scoring import top_captions, top_images
 from vocab import encode, query_tokens
 
 # Text queries are encoded and scored in batches of this many, sorted by length: queries come in any
 # lengths, and small batches pad less (100 queries of Flickr30K's caption lengths over 1,000 images on
 # the 2-core dev VM: 14k pairs/s in batches of 128, 21k in batches of 16).
 QUERY_BATCH = 16
-
-
-# ---------------------------------------------------------------------------------------------
-# Top k over a gallery, streamed chunk by chunk.
-
-def merge_topk(best, scores: Tensor, index: Tensor, k: int) -> tuple:
-    """The running top k, (values (n_q, k'), indices (n_q, k')) or None, merged with a chunk's
-    scores (n_q, n) of the gallery items `index` (n,) -> the top min(k, k' + n) of both: highest
-    first, equal scores to the lower index. A stable sort of the candidates in index order, not
-    torch.topk, which may keep a higher index among equal scores at its cut. Scores must be finite
-    (top_images and top_captions check them): a sort puts NaN first."""
-    index = index.expand_as(scores)
-    if best is not None:
-        scores, index = torch.cat([best[0], scores], 1), torch.cat([best[1], index], 1)  # (n_q, k' + n)
-    by_index = index.argsort(dim=1)
-    scores, index = scores.gather(1, by_index), index.gather(1, by_index)
-    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]  # ties keep index order
-    return scores.gather(1, order), index.gather(1, order)
-
-
-@torch.inference_mode()
-def top_images(model: CASC, img: Side, queries: list, k: int, alpha=None, precision: str = 'fp32',
-               memory_gb: float = 2.0, progress: bool = False, model_path: str = 'the model',
-               ims_path: str = 'the features') -> tuple:
-    """Encoded images (n_img, R, d) and text queries [(query indices, Side)] (encode_captions) ->
-    scores, image indices (n_q, min(k, n_img)) on the CPU. A NaN or inf score is refused, naming
-    model_path or ims_path (evaluation.check_scores), not ranked."""
-    n_img, R, _ = img.emb.shape
-    n_q = sum(len(idx) for idx, _ in queries)
-    values, indices = torch.empty(n_q, min(k, n_img)), torch.empty(n_q, min(k, n_img), dtype=torch.long)
-    bar = util.progress(total=n_q * n_img, desc='searching', unit='pair', unit_scale=True, enabled=progress,
-                        leave=False)
-    for idx, cap in queries:
-        n_c, L = cap.mask.shape
-        best = None
-        for i0, i1 in plan_chunks(n_img, n_c, R, L, model.cfg, img.emb.device, memory_gb,
-                                  image_bytes=index.row_bytes(img)):  # a mapped gallery's chunk counts itself
-            sims = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims  # (n, n_c)
-            check_scores(sims, model, model_path, ims_path, range(i0, i1))
-            best = merge_topk(best, sims.float().T, torch.arange(i0, i1, device=sims.device), k)  # (n_c, k)
-            bar.update(sims.numel())
-        values[idx], indices[idx] = best[0].cpu(), best[1].cpu()
-    bar.close()
-    return values, indices
-
-
-@torch.inference_mode()
-def top_captions(model: CASC, img: Side, caps: list, k: int, alpha=None, precision: str = 'fp32',
-                 memory_gb: float = 2.0, progress: bool = False, model_path: str = 'the model',
-                 ims_path: str = 'the features', rows=None) -> tuple:
-    """Encoded query images (n_q, R, d), images `rows` (n_q,) of ims_path, and the gallery's
-    captions [(caption indices, Side)] (encode_captions) -> scores, caption indices (n_q, min(k,
-    n_cap)) on the CPU. A NaN or inf score is refused as in top_images."""
-    n_q, R, _ = img.emb.shape
-    n_cap = sum(len(idx) for idx, _ in caps)
-    bar = util.progress(total=n_q * n_cap, desc='searching', unit='pair', unit_scale=True, enabled=progress,
-                        leave=False)
-    best = None
-    for idx, cap in caps:
-        n_c, L = cap.mask.shape
-        sims = torch.cat([model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
-                          for i0, i1 in plan_chunks(n_q, n_c, R, L, model.cfg, img.emb.device, memory_gb)])
-        check_scores(sims, model, model_path, ims_path, rows)  # (n_q, n_c)
-        best = merge_topk(best, sims.float(), idx.to(sims.device), k)  # (n_q, k)
-        bar.update(sims.numel())
-    bar.close()
-    return best[0].cpu(), best[1].cpu()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import labels as labels_lib
 import model as model_lib
 import reference as ref
 import report
+import scoring
 import vocab as vocab_lib
 from test_report import check_page, write_image
 from test_scan import save_scan_checkpoint, scan_opt
@@ -252,12 +253,12 @@ def test_save_sims_writes_the_float32_matrix_and_consistent_ranks(encoded, base)
 def test_chunked_scoring_equals_one_shot_whatever_the_memory_budget(encoded, monkeypatch):
     model, img = encoded.model, encoded.img
     caps = encode_captions(model, encoded.ds.captions, batch_size=200)  # one caption batch
-    monkeypatch.setattr(evaluation, 'CACHE_CELLS', 1 << 40)  # no cache-sized cap: truly one shot
+    monkeypatch.setattr(scoring, 'CACHE_CELLS', 1 << 40)  # no cache-sized cap: truly one shot
     one_shot = compute_sims(model, img, caps, memory_gb=64.0, progress=False)
     (_, cap), = caps
     n_c, L = cap.mask.shape
     R = img.emb.shape[1]
-    per_image = n_c * (R * L * evaluation.BYTES_PER_CELL + 16 * (model.cfg.num_labels + model.cfg.label_hidden))
+    per_image = n_c * (R * L * scoring.BYTES_PER_CELL + 16 * (model.cfg.num_labels + model.cfg.label_hidden))
     for budget in (1e-12, 3.5 * per_image / 2 ** 30):  # chunks of 1 image; of 3 (40 = 13 x 3 + 1)
         chunked = compute_sims(model, img, caps, memory_gb=budget, progress=False)
         torch.testing.assert_close(chunked, one_shot, rtol=0, atol=1e-6)
@@ -269,7 +270,7 @@ def test_chunk_size_does_not_grow_with_the_split(encoded, monkeypatch, min_items
     the least number of work items a pass is cut into, only makes chunks smaller: with it, a small
     split's chunks may be smaller than a large one's, never larger than the memory budget's)."""
     if min_items:
-        monkeypatch.setattr(evaluation, 'MIN_ITEMS', min_items)
+        monkeypatch.setattr(scoring, 'MIN_ITEMS', min_items)
     model, img = encoded.model, encoded.img
     caps = encode_captions(model, encoded.ds.captions)
     double = type(img)(*(None if t is None else torch.cat([t, t]) for t in img))
@@ -283,7 +284,7 @@ def test_chunk_size_does_not_grow_with_the_split(encoded, monkeypatch, min_items
             del model.scores
         largest.append(max(cells))
         assert sims.shape == (side.emb.shape[0], len(encoded.ds.captions))
-    bound = max(evaluation.CACHE_CELLS, max(c.mask.numel() for _, c in caps) * img.emb.shape[1])
+    bound = max(scoring.CACHE_CELLS, max(c.mask.numel() for _, c in caps) * img.emb.shape[1])
     assert (largest[0] == largest[1] if min_items else largest[0] <= largest[1]) and largest[1] <= bound
 
 

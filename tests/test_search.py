@@ -1,7 +1,7 @@
 """search.py (issue 10): text queries -> top images, query images -> top captions, with exactly
 evaluation.py's scores (--save_sims on the same split), ranks of a stable sort (equal scores to the
 lower index), the top k streamed over chunks equal to a full sort for any chunk size, the one chunk
-planner (evaluation.plan_chunks) giving compute_sims the chunks it scored before, refusals with one
+planner (scoring.plan_chunks) giving compute_sims the chunks it scored before, refusals with one
 line, the --json schema and the tables, the Searcher API; the HTML page of --out: Searcher.attention
 equal to the authors' loop, the heat maps drawn from it on the grid or the split's boxes, the labels
 of the pair, thumbnails with --image_dir, hostile data as text only. One checkpoint trained on toy data."""
@@ -24,6 +24,7 @@ import labels as labels_lib
 import model as model_lib
 import reference as ref
 import report
+import scoring
 import search
 import toy
 import util
@@ -179,7 +180,7 @@ def test_merge_topk_over_chunks_equals_a_full_stable_sort(k):
     for step in (1, 3, 10, 23):  # 23 = 7 x 3 + 2 = 2 x 10 + 3: uneven last chunks
         best = None
         for j0 in range(0, 23, step):
-            best = search.merge_topk(best, values[:, j0:j0 + step], gallery[j0:j0 + step], k)
+            best = scoring.merge_topk(best, values[:, j0:j0 + step], gallery[j0:j0 + step], k)
         assert torch.equal(best[1], expected), step
         assert torch.equal(best[0], full.gather(1, expected))
 
@@ -192,7 +193,7 @@ def test_streamed_search_equals_a_full_sort_for_any_chunk_size(world, searcher, 
         chunks.append([(i0, min(i0 + step, n)) for i0 in range(0, n, step)])
         return chunks[-1]
 
-    monkeypatch.setattr(search, 'plan_chunks', plan)
+    monkeypatch.setattr(scoring, 'plan_chunks', plan)
     js = [2, 50, 148]
     for j, res in zip(js, searcher.text([world.captions['test'][j] for j in js], k=5)):
         assert indices(res) == stable_order(world.sims['test'][:, j])[:5]
@@ -201,7 +202,7 @@ def test_streamed_search_equals_a_full_sort_for_any_chunk_size(world, searcher, 
     model, sims = searcher.model, world.sims['test']
     query = evaluation.encode_images(model, searcher.dataset.images[[0, 11, 29]])
     caps = evaluation.encode_captions(model, searcher.dataset.captions, batch_size=step)
-    values, found = search.top_captions(model, query, caps, k=9)
+    values, found = scoring.top_captions(model, query, caps, k=9)
     for i, row, vals in zip([0, 11, 29], found.tolist(), values.numpy()):
         assert row == stable_order(sims[i])[:9]
         np.testing.assert_allclose(vals, sims[i, row], rtol=0, atol=1e-6)
@@ -215,11 +216,11 @@ def test_a_tiny_memory_budget_scores_one_item_per_chunk_with_the_same_results(wo
 
 
 def old_chunks(n_img, n_c, R, L, cfg, device, memory_gb) -> list:
-    """compute_sims' chunks before evaluation.plan_chunks existed (its loop, verbatim)."""
-    per_image = n_c * (R * L * evaluation.BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden))
+    """compute_sims' chunks before scoring.plan_chunks existed (its loop, verbatim)."""
+    per_image = n_c * (R * L * scoring.BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden))
     step = int(memory_gb * 2 ** 30 // per_image)
     if torch.device(device).type == 'cpu':
-        step = min(step, evaluation.CACHE_CELLS // (n_c * R * L))
+        step = min(step, scoring.CACHE_CELLS // (n_c * R * L))
     step = max(1, step)
     return [(i0, min(i0 + step, n_img)) for i0 in range(0, n_img, step)]
 
@@ -229,7 +230,7 @@ def test_the_planner_gives_compute_sims_the_chunks_it_scored_before(searcher):
         for n_img, n_c, R, L in ((1, 1, 36, 3), (1000, 128, 36, 14), (5000, 17, 36, 60), (29, 128, 12, 9)):
             for device in ('cpu', 'cuda'):
                 for memory_gb in (1e-12, 0.01, 2.0, 64.0):
-                    plan = evaluation.plan_chunks(n_img, n_c, R, L, cfg, device, memory_gb)
+                    plan = scoring.plan_chunks(n_img, n_c, R, L, cfg, device, memory_gb)
                     assert plan == old_chunks(n_img, n_c, R, L, cfg, device, memory_gb)
                     assert plan[0][0] == 0 and plan[-1][1] == n_img
                     assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
@@ -243,7 +244,7 @@ def test_the_planner_gives_compute_sims_the_chunks_it_scored_before(searcher):
     finally:
         del model.scores
     planned = [(i1 - i0, cap.mask.shape) for _, cap in caps
-               for i0, i1 in evaluation.plan_chunks(N_IMG, *cap.mask.shape, 12, model.cfg, 'cpu', 1e-5)]
+               for i0, i1 in scoring.plan_chunks(N_IMG, *cap.mask.shape, 12, model.cfg, 'cpu', 1e-5)]
     assert scored == planned and len(planned) > len(caps)  # several chunks per caption batch
 
 
