@@ -143,29 +143,16 @@ def collate_fn(batch):
     return torch.stack(images), captions, lengths, targets, torch.tensor(cap_ids), torch.tensor(img_ids)
 
 
-def _loader(dataset, batch_size, workers, pin_memory, batch_sampler=None):
-    """In file order in batches of batch_size, or in the batches of batch_sampler."""
-    batching = {'batch_sampler': batch_sampler} if batch_sampler is not None else {'batch_size': batch_size, 'shuffle': False}
-    return DataLoader(dataset, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                      collate_fn=collate_fn, **batching)
-
-
 def get_loaders(data_path, data_name, vocab, batch_size, workers, labels=None, pin_memory=False, seed=0):
     """-> (train loader: this process's share of each global batch of batch_size, shuffled by
     seed and the epoch (parallel.GlobalBatchSampler; call loader.batch_sampler.set_epoch);
-    val loader on the first 1,000 dev images)."""
+    validation set: the first 1,000 dev images, scored whole by evaluation.evaluate_arrays)."""
     train = PrecompDataset(data_path, data_name, 'train', vocab, labels)
     dev = PrecompDataset(data_path, data_name, 'dev', vocab, labels, max_images=1000)
     sampler = parallel.GlobalBatchSampler(len(train), batch_size, seed, parallel.rank(), parallel.world())
-    return (_loader(train, batch_size, workers, pin_memory, sampler),
-            _loader(dev, batch_size, workers, pin_memory))
-
-
-def get_test_loader(split, data_path, data_name, vocab, batch_size, workers, labels=None,
-                    pin_memory=False):
-    """-> loader over all of ``split`` in file order."""
-    dataset = PrecompDataset(data_path, data_name, split, vocab, labels)
-    return _loader(dataset, batch_size, workers, pin_memory)
+    loader = DataLoader(train, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                        persistent_workers=workers > 0, collate_fn=collate_fn)
+    return loader, dev
 
 
 # Karpathy's split files -> SCAN's precomp splits (COCO: 'test' is the 1K, 'testall' the 5K).

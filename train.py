@@ -264,11 +264,11 @@ def run(args, saved: list):
                 if flag == '--model_name' or os.path.realpath(folder) != os.path.realpath(args.model_name):
                     held.enter_context(util.FolderLock(folder, flag))
             stale = check_earlier_run(args, ckpt['epoch'] if ckpt else 0)
-        train_loader, val_loader = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
+        train_loader, val_set = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
                                                     args.workers, label_words or None, device.type == 'cuda',
                                                     args.seed)
         if not main:
-            return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader,
+            return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_set,
                        _NoWriter(), saved)
         for path in stale:  # only now: a run that fails to start leaves the earlier one as it was
             os.remove(path)
@@ -286,7 +286,7 @@ def run(args, saved: list):
         writer = SummaryWriter(args.logger_name, purge_step=ckpt['Eiters'] + 1 if ckpt else None)
         from tqdm.contrib.logging import logging_redirect_tqdm  # log lines do not break the bar
         with logging_redirect_tqdm([log]):
-            return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader,
+            return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_set,
                        writer, saved)
 
 
@@ -300,7 +300,7 @@ class _NoWriter:
         pass
 
 
-def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_loader, writer, saved):
+def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_set, writer, saved):
     """Train from the start or from `ckpt` to --num_epochs, validating and saving every epoch."""
     model = CASC(cfg).to(device)
     opts = make_optimizers(model, args)
@@ -327,7 +327,7 @@ def fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, v
                 'world_size': parallel.world()}
 
     def validate_and_keep_best(epoch_done=0):
-        rsum = validate(model, val_loader.dataset, args, device, writer, state['Eiters'])
+        rsum = validate(model, val_set, args, device, writer, state['Eiters'])
         is_best = rsum > state['best_rsum']
         state['best_rsum'] = max(rsum, state['best_rsum'])
         if is_best and not epoch_done and parallel.is_main():
