@@ -1,7 +1,8 @@
-"""features.py: raw images -> {split}_ims.npy (n, 36, 2048) [+ {split}_boxes.npy]. Real image files
-of every kind (JPEG, grey PNG, RGBA PNG, palette GIF with transparency, CMYK JPEG, EXIF-rotated
-JPEG, odd sizes) in tmp_path; random ResNet-152 weights (--weights none: no network) on 64x64
-inputs, so the end-to-end runs take seconds on a CPU."""
+"""features.py (with imagefiles.py, extractor.py, featstore.py): raw images -> {split}_ims.npy
+(n, 36, 2048) [+ {split}_boxes.npy]. Real image files of every kind (JPEG, grey PNG, RGBA PNG,
+palette GIF with transparency, CMYK JPEG, EXIF-rotated JPEG, odd sizes) in tmp_path; random
+ResNet-152 weights (--weights none: no network) on 64x64 inputs, so the end-to-end runs take
+seconds on a CPU."""
 import json
 import os
 import re
@@ -20,7 +21,10 @@ from PIL import Image
 from torch import nn
 
 import data
+import extractor
 import features
+import featstore
+import imagefiles
 import report
 import vocab as vocab_lib
 from conftest import ROOT
@@ -93,16 +97,16 @@ def world(tmp_path_factory):
 def test_every_kind_of_image_becomes_rgb_upright(tmp_path):
     images = make_images(tmp_path)
     for name in NAMES:
-        assert features.load_rgb(str(images / name)).mode == 'RGB', name
-    rgba, gif = features.load_rgb(str(images / 'c_rgba.png')), features.load_rgb(str(images / 'd_palette.gif'))
+        assert imagefiles.load_rgb(str(images / name)).mode == 'RGB', name
+    rgba, gif = imagefiles.load_rgb(str(images / 'c_rgba.png')), imagefiles.load_rgb(str(images / 'd_palette.gif'))
     assert rgba.getpixel((3, 3)) == (255, 255, 255) and rgba.getpixel((40, 3)) != (255, 255, 255)  # over white
     with Image.open(images / 'd_palette.gif') as img:
         index = np.array(img)
     assert (np.array(gif)[index == 0] == 255).all() and (index == 0).any()  # the transparent colour
-    turned = features.load_rgb(str(images / 'f_rotated.jpg'))
+    turned = imagefiles.load_rgb(str(images / 'f_rotated.jpg'))
     assert turned.size == (36, 60)  # stored 60 x 36, shown upright
-    assert np.array_equal(np.array(turned), np.array(features.load_rgb(str(images / 'g_upright.png'))))
-    cmyk = np.array(features.load_rgb(str(images / 'E_CMYK.JPEG'))).astype(float)
+    assert np.array_equal(np.array(turned), np.array(imagefiles.load_rgb(str(images / 'g_upright.png'))))
+    cmyk = np.array(imagefiles.load_rgb(str(images / 'E_CMYK.JPEG'))).astype(float)
     assert abs(cmyk - picture(40, 52, 1)).mean() < 10  # CMYK back to the RGB it was made from
 
 
@@ -183,7 +187,7 @@ def test_weights_files_that_do_not_fit_are_refused_naming_them(tmp_path):
     for name, text in why.items():
         path = str(tmp_path / f'{name}.pth')
         with pytest.raises(ValueError) as e:
-            features.load_weights(nn.Linear(2, 3), path, None, '--weights')
+            extractor.load_weights(nn.Linear(2, 3), path, None, '--weights')
         assert str(e.value).startswith(f'--weights {path}: {text}') and 'weights_only' not in str(e.value)
 
 
@@ -218,21 +222,21 @@ def test_detect_keeps_the_best_36_boxes_or_fills_up_with_grid_cells():
 
     def detector(boxes, scores):  # detections of many classes, as torchvision's detector returns them
         return lambda images: [{'boxes': boxes, 'scores': scores, 'labels': torch.arange(len(scores))}]
-    cells = features.grid_cells()
+    cells = extractor.grid_cells()
     assert torch.equal(cells[7], torch.tensor([1, 1, 2, 2]) / 6)  # row 1, column 1
-    assert torch.equal(features.detect(detector(torch.zeros(0, 4), torch.zeros(0)), img), cells)
+    assert torch.equal(extractor.detect(detector(torch.zeros(0, 4), torch.zeros(0)), img), cells)
     few = torch.tensor([[0, 0, 20, 10], [0, 0, 20, 9.], [20, 10, 40, 20]])  # 2nd: IoU 0.9 with the 1st
-    got = features.detect(detector(few, torch.tensor([0.9, 0.8, 0.7])), img)
-    assert torch.equal(got, torch.cat([few[[0, 2]] / scale, features.spread_cells(34)]))  # NMS, then cells
-    assert torch.equal(features.spread_cells(5), cells[[0, 5, 14, 30, 35]])  # centre and corners, not the top row
-    assert torch.equal(features.spread_cells(36), cells) and features.spread_cells(0).shape == (0, 4)
+    got = extractor.detect(detector(few, torch.tensor([0.9, 0.8, 0.7])), img)
+    assert torch.equal(got, torch.cat([few[[0, 2]] / scale, extractor.spread_cells(34)]))  # NMS, then cells
+    assert torch.equal(extractor.spread_cells(5), cells[[0, 5, 14, 30, 35]])  # centre and corners, not the top row
+    assert torch.equal(extractor.spread_cells(36), cells) and extractor.spread_cells(0).shape == (0, 4)
     for k in range(1, 37):  # any number of free slots: spread over the grid, each cell once
-        spread = features.spread_cells(k)
+        spread = extractor.spread_cells(k)
         assert len(set(map(tuple, spread.tolist()))) == k
         rows = spread[:, 1] * 6
         assert k < 4 or (rows.min() == 0 and rows.max() == 5)  # 4 or more: the top and the bottom row
     many = torch.arange(40.)[:, None] * torch.tensor([1., 0, 1, 0]) + torch.tensor([0, 0, 0.5, 0.5])  # disjoint
-    got = features.detect(detector(many, torch.arange(40.) / 40), img)
+    got = extractor.detect(detector(many, torch.arange(40.) / 40), img)
     assert torch.equal(got, many.flip(0)[:36] / scale)  # the 36 best, best first
 
 
@@ -346,7 +350,7 @@ def test_boxes_mode_fills_free_slots_with_grid_cells(two, monkeypatch):
     features.main(argv(two / 'data', 'few', two / 'images', '--regions', 'boxes'))
     feats, boxes = ims(two / 'data', 'few'), ims(two / 'data', 'few', 'boxes')
     check_boxes(feats, boxes, 2)
-    expected = torch.cat([torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]), features.spread_cells(34)])
+    expected = torch.cat([torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]), extractor.spread_cells(34)])
     for image_boxes in boxes:
         assert np.allclose(image_boxes, expected.numpy(), atol=1e-6)
 
@@ -356,23 +360,23 @@ def test_boxes_mode_fills_free_slots_with_grid_cells(two, monkeypatch):
 def test_inputs_keep_the_aspect_and_the_detector_sees_its_training_scale(tmp_path):
     Image.fromarray(picture(500, 375)).save(tmp_path / 'a.jpg', quality=95)  # Flickr30K's usual size
     Image.fromarray(picture(1000, 200)).save(tmp_path / 'wide.png')  # 5:1, past the cap
-    images = features.Images([str(tmp_path / 'a.jpg'), str(tmp_path / 'wide.png')], 448, 10 ** 6, 800)
+    images = imagefiles.Images([str(tmp_path / 'a.jpg'), str(tmp_path / 'wide.png')], 448, 10 ** 6, 800)
     x, det = images[0]
     assert x.shape == (3, 448, 597) and x.dtype == torch.float32  # shorter side 448, 4:3 kept
     assert det.shape == (3, 800, 1067) and det.dtype == torch.uint8  # the detector's own scale
     x, det = images[1]  # the longer side capped at 1333/800 of the shorter side's size, the aspect kept
     assert x.shape == (3, 149, 746) and det.shape == (3, 267, 1333)
-    detector = features.build_detector('none', 0, features.parse_args(
+    detector = extractor.build_detector('none', 0, features.parse_args(
         argv('d', 'n', tmp_path, '--regions', 'boxes')).detector_size)
     assert detector.transform.min_size == (800,) and detector.transform.max_size == 1333  # as trained on COCO
-    assert features.Images([str(tmp_path / 'a.jpg')], 448, 10 ** 6)[0][1] is None  # grid: no detector input
+    assert imagefiles.Images([str(tmp_path / 'a.jpg')], 448, 10 ** 6)[0][1] is None  # grid: no detector input
 
 
 def test_a_box_feature_comes_from_that_box_area():
     """A real (random) trunk on a 128 x 320 picture: its map is 4 x 10 cells of 32 pixels. Every
     box of 2 x 2 cells, given in [0, 1] of the picture, pools (RoIAlign) to about the mean of those
     cells, nearer to them than to any other 2 x 2 cells: x and y each scaled by their own side."""
-    trunk = features.build_trunk('none', 0)
+    trunk = extractor.build_trunk('none', 0)
     x = (torch.from_numpy(picture(320, 128, 9)).permute(2, 0, 1).float() / 255 - 0.45) / 0.23  # (3, 128, 320)
     with torch.inference_mode():
         fmap = trunk(x[None])[0].double()  # (2048, 4, 10)
@@ -380,7 +384,7 @@ def test_a_box_feature_comes_from_that_box_area():
         means = torch.stack([fmap[:, r:r + 2, c:c + 2].mean((1, 2)) for r, c in corners])  # (27, 2048)
         boxes = torch.tensor([[c / 10, r / 4, (c + 2) / 10, (r + 2) / 4] for r, c in corners])  # (27, 4)
         boxes = torch.cat([boxes, boxes[:9]])  # (36, 4)
-        pooled = features.regions(trunk, [x], [boxes])[0, :27].double()  # (27, 2048)
+        pooled = extractor.regions(trunk, [x], [boxes])[0, :27].double()  # (27, 2048)
     assert fmap.shape == (2048, 4, 10)
     dist = torch.cdist(pooled, means)  # (27 boxes, 27 blocks)
     assert torch.equal(dist.argmin(1), torch.arange(27))  # each box's feature: nearest to its own cells
@@ -396,7 +400,7 @@ def test_a_grid_run_removes_the_boxes_of_the_boxes_run_it_replaces_and_pages_use
     made = ims(data, 'stale', 'boxes').copy()
     record = json.loads((folder / 'test_ims.json').read_text())
     assert record['settings']['regions'] == 'boxes' and record['settings']['detector_size'] == 64
-    assert np.array_equal(features.boxes_for(str(folder), 'test'), made)  # they belong: the pages use them
+    assert np.array_equal(featstore.boxes_for(str(folder), 'test'), made)  # they belong: the pages use them
     np.testing.assert_array_equal(report.read_boxes(dataset, 36), made)
     old_ims = (folder / 'test_ims.npy').read_bytes()
 
@@ -404,7 +408,7 @@ def test_a_grid_run_removes_the_boxes_of_the_boxes_run_it_replaces_and_pages_use
     assert sorted(os.listdir(folder)) == ['test_image_names.txt', 'test_ims.json', 'test_ims.npy']  # boxes gone
     assert json.loads((folder / 'test_ims.json').read_text())['settings']['regions'] == 'grid'
     np.save(folder / 'test_boxes.npy', made)  # the old boxes back, as earlier versions left them
-    assert features.boxes_for(str(folder), 'test') is None and report.read_boxes(dataset, 36) is None
+    assert featstore.boxes_for(str(folder), 'test') is None and report.read_boxes(dataset, 36) is None
 
     features.main(boxes_run[:-2] + ['--detector_size', '64', '--overwrite'])  # boxes again, then other features
     assert np.array_equal(report.read_boxes(dataset, 36), made)
@@ -421,10 +425,10 @@ def test_a_grid_run_removes_the_boxes_of_the_boxes_run_it_replaces_and_pages_use
 def test_the_settings_record_holds_what_made_the_features(world):
     record = json.loads((world.data / 'a' / 'test_ims.json').read_text())
     settings = record['settings']
-    assert settings['recipe'] == features.RECIPE and settings['regions'] == 'grid' and settings['weights'] == 'none'
+    assert settings['recipe'] == extractor.RECIPE and settings['regions'] == 'grid' and settings['weights'] == 'none'
     assert settings['image_size'] == 64 and settings['batch_size'] == 3 and settings['seed'] == 0
     assert settings['detector'] is None and record['n_images'] == 7 and record['max_pixels'] == 64_000_000
-    assert record['fingerprints'] == {'ims': features.fingerprint(str(world.data / 'a' / 'test_ims.npy')),
+    assert record['fingerprints'] == {'ims': featstore.fingerprint(str(world.data / 'a' / 'test_ims.npy')),
                                       'boxes': None}
     assert record['versions']['torch'] == torch.__version__
 
@@ -469,11 +473,11 @@ def test_a_huge_image_is_refused_in_one_line_naming_it_without_pillows_warning(h
 def test_large_jpegs_decode_at_a_reduced_size_within_max_pixels(tmp_path):
     Image.fromarray(picture(400, 300)).resize((4000, 3000)).save(tmp_path / 'big.jpg', quality=90)
     Image.new('RGB', (4000, 3000), (200, 30, 40)).save(tmp_path / 'big.png')  # one colour: quick to write
-    img = features.load_rgb(str(tmp_path / 'big.jpg'), 10 ** 6, short=448)
+    img = imagefiles.load_rgb(str(tmp_path / 'big.jpg'), 10 ** 6, short=448)
     assert img.size == (1000, 750) and img.mode == 'RGB'  # 1/4: the shorter side still >= 448 (1/8: 375)
-    assert features.load_rgb(str(tmp_path / 'big.jpg'), 0, short=800).size == (2000, 1500)
+    assert imagefiles.load_rgb(str(tmp_path / 'big.jpg'), 0, short=800).size == (2000, 1500)
     with pytest.raises(ValueError, match=r'^4000 x 3000 = 12.0 megapixels, over --max_pixels 1000000$'):
-        features.load_rgb(str(tmp_path / 'big.png'), 10 ** 6, short=448)  # a PNG has no reduced decoding
+        imagefiles.load_rgb(str(tmp_path / 'big.png'), 10 ** 6, short=448)  # a PNG has no reduced decoding
     (tmp_path / 'data' / 'n').mkdir(parents=True)
     (tmp_path / 'data' / 'n' / 'test_image_names.txt').write_text('big.jpg\nbig.png\n')
     message = refused(argv(tmp_path / 'data', 'n', tmp_path, '--max_pixels', '1000000'))
