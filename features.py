@@ -14,12 +14,11 @@ The whole output is reserved on disk first; it is written batch by batch into
 {split}_ims.npy.partial, with progress in {split}_ims.npy.partial.json: a run stopped in any way
 continues where it stopped when called again with the same arguments, and the result equals an
 uninterrupted run's bit for bit (on the same machine: the thread count can change the last bits).
-
-This file owns the command line, the settings that make the features' bits, the run's phases and
-its write loop; imagefiles.py decodes and checks the images, extractor.py holds the networks and
-the per-batch extraction (also used by photo.py for uploads), featstore.py the output files, the
-resume state and the settings record.
 """
+# This file owns the command line, the settings that make the features' bits, the run's phases and
+# its write loop; imagefiles.py decodes and checks the images, extractor.py holds the networks and
+# the per-batch extraction (also used by photo.py for uploads), featstore.py the output files, the
+# resume state and the settings record. (A comment, not the docstring: --help prints that.)
 import time
 
 STARTED = time.time()  # before torch's import (seconds of its own): the run's time covers it
