@@ -1,5 +1,6 @@
 """Encode a split once for all its pairs: region features and captions -> prepared Sides
-(model.prepare), in batches; used by evaluation, search, the report and bench.py."""
+(model.prepare), in batches; one image and one caption (encode_pair). Used by evaluation, search,
+the index, explain.py and bench.py."""
 import numpy as np
 import torch
 
@@ -39,3 +40,11 @@ def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='
 def images_slice(img: Side, i0: int, i1: int) -> Side:
     """Images i0..i1 of a prepared Side."""
     return Side(*(None if t is None else t[i0:i1] for t in img))
+
+
+def encode_pair(model: CASC, images, i: int, caption: list, device='cpu') -> tuple:
+    """Image i of an (n_img, R, img_dim) array and one caption (a list of word ids) -> (img, cap),
+    Sides of 1: what the pages show about one pair is computed from these (explain.py)."""
+    img = encode_images(model, images[i:i + 1], device=device)
+    cap = encode_captions(model, [caption], device=device)[0][1]
+    return img, cap

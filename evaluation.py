@@ -21,9 +21,10 @@ import parallel
 import report
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_img_dim
-from encode import encode_captions, encode_images
+from encode import encode_captions, encode_images, encode_pair
+from explain import pair_attention, predicted_labels
 from model import CASC, PRECISIONS
-from scoring import check_scores, compute_sims, non_finite, plan_chunks  # noqa: F401  (plan_chunks: bench.py's)
+from scoring import check_scores, compute_sims, non_finite, plan_chunks, top_k  # noqa: F401  (plan_chunks: bench.py's)
 
 
 def ranks(sims: Tensor, im_div: int) -> tuple:
@@ -182,10 +183,37 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     metrics = {k: float(np.mean([r[k] for r in results])) for k in results[0]}
     print_metrics(metrics, 'mean of 5 folds: ' if fold5 else '')
     if examples:
-        path = report.write_examples(models[0].model, dataset, first_sims, models[0].labels, examples, out,
+        path = write_examples(models[0].model, dataset, first_sims, models[0].labels, examples, out,
                                      image_dir, device, precision, vocabs[0])
         print(f'retrieval examples written to {path}')
     return metrics
+
+
+def _pick(n_total: int, n: int) -> list:
+    """n queries spread evenly over the split (deterministic)."""
+    return sorted({int(k) for k in torch.linspace(0, n_total - 1, min(n, n_total))})
+
+
+def write_examples(model: CASC, dataset, sims: Tensor, label_words, n: int, out_dir: str, image_dir=None,
+                   device='cpu', precision: str = 'fp32', vocab=None) -> str:
+    """sims (n_img, n_cap) of the dataset's first n_img images -> path of DIR/examples.html
+    (report.examples_page draws it): n query images with their top-3 sentences and predicted
+    labels, n query sentences with their top-5 images, the top one with the heat maps of where
+    each word looks (in `precision`, as the scores were; the words not in `vocab`, the dataset's
+    vocabulary, marked as <unk>)."""
+    n_img, n_cap = sims.shape
+    images = []
+    for i in _pick(n_img, n):
+        top = top_k(sims[i], 3)
+        probs = None if model.head is None else predicted_labels(model, dataset.images, dataset.captions, i, top, device)
+        images.append((i, top, probs))
+    texts = []
+    for j in _pick(n_cap, n):
+        top = top_k(sims[:, j], 5)
+        pair = encode_pair(model, dataset.images, top[0], dataset.captions[j], device)
+        texts.append((j, top, pair_attention(model, *pair, precision)))
+    return report.examples_page(dataset, sims, images, texts, label_words, out_dir, image_dir,
+                                None if vocab is None else vocab.word2idx)
 
 
 def parse_args(argv=None):

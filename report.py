@@ -2,6 +2,8 @@
 and ``evaluation.py --examples N --out DIR`` (DIR/examples.html). Text queries show their top
 images (thumbnails, ground-truth captions and, for some, heat maps of where each query word looks
 and the labels the model predicts); image queries show their top captions marked correct or wrong.
+It only draws: scores, attention and labels come from its callers (search.Searcher, webapp.py,
+evaluation.write_examples; explain.py computes them), and it imports no model code.
 
 One self-contained page (inline CSS, no scripts, no external URL) with its pictures beside it.
 Data text (queries, captions, image names, label words) only ever goes through ``esc`` into
@@ -31,8 +33,6 @@ import torch
 from PIL import Image, ImageOps
 
 from data import read_image_names
-from encode import encode_captions, encode_images
-from model import t2i_attention
 
 THUMB = 256  # px: the longer side of a thumbnail
 CANVAS = 192  # px: the grey square a heat map is drawn on when there is no thumbnail
@@ -219,34 +219,6 @@ class Pictures:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the model says about a pair: where each word looks, and the labels it predicts.
-
-@torch.inference_mode()
-def pair_attention(model, img, cap, precision: str = 'fp32') -> torch.Tensor:
-    """One encoded image and one encoded caption (Sides of 1) -> (n_words, R) float32 on the CPU:
-    the t2i attention of each real word (not <start>, <end>) over the regions, in caption order."""
-    n = int(cap.mask[0].sum())
-    return t2i_attention(img, cap, model.cfg, precision)[0, 0, 1:n - 1].float().cpu()  # (L, R) -> (n - 2, R)
-
-
-@torch.inference_mode()
-def pair_labels(model, img, cap) -> torch.Tensor:
-    """One encoded image and one caption -> label probabilities (K,): sigmoid of the head's logits
-    for the image attended by that caption."""
-    return torch.sigmoid(model.scores(img, cap, alpha=0.0).logits_img[0, 0]).float().cpu()
-
-
-@torch.inference_mode()
-def predicted_labels(model, images, captions: list, i: int, cap_ids: list, device='cpu') -> torch.Tensor:
-    """Label probabilities (K,) of image i: sigmoid(f(u_img)) averaged over the given captions,
-    since u_img is the image attended by a caption (as the authors' label view does)."""
-    img = encode_images(model, images[i:i + 1], device=device)
-    probs = [torch.sigmoid(model.scores(img, cap, alpha=0.0).logits_img[0]) for _, cap in
-             encode_captions(model, [captions[k] for k in cap_ids], device=device)]
-    return torch.cat(probs).mean(0).float().cpu()
-
-
-# ---------------------------------------------------------------------------------------------
 # The page: sections and the document.
 
 def labels_html(probs: torch.Tensor, label_words=None) -> str:
@@ -318,47 +290,32 @@ def write_page(path: str, title: str, body: list) -> str:
 # ---------------------------------------------------------------------------------------------
 # evaluation.py --examples: the view the CASC paper shows.
 
-def _pick(n_total: int, n: int) -> list:
-    """n queries spread evenly over the split (deterministic)."""
-    return sorted({int(k) for k in torch.linspace(0, n_total - 1, min(n, n_total))})
-
-
-def _top(scores: torch.Tensor, k: int) -> list:
-    """Indices of the k highest scores, equal scores to the lower index."""
-    return scores.argsort(descending=True, stable=True)[:k].tolist()
-
-
-def write_examples(model, dataset, sims: torch.Tensor, label_words, n: int, out_dir: str,
-                   image_dir=None, device='cpu', precision: str = 'fp32', vocab=None) -> str:
-    """sims (n_img, n_cap) of the dataset's first n_img images -> path of DIR/examples.html: n
-    query images with their top-3 sentences and predicted labels, n query sentences with their
-    top-5 images, the top one with the heat maps of where each word looks (in `precision`, as
-    the scores were; the words not in `vocab`, the dataset's vocabulary, marked as <unk>)."""
+def examples_page(dataset, sims: torch.Tensor, image_queries: list, text_queries: list, label_words, out_dir: str,
+                  image_dir=None, known=None) -> str:
+    """sims (n_img, n_cap) of the dataset's first n_img images, the queries the caller picked and
+    what it computed for them -> path of DIR/examples.html. image_queries [(i, top caption indices,
+    label probabilities (K,) or None)]: each image with its top sentences and predicted labels;
+    text_queries [(j, top image indices, attention (n_words, R) of sentence j's words over the
+    first image)]: each sentence with its top images, the first with its heat maps (the words not
+    in `known`, the vocabulary's words, marked as <unk>)."""
     n_img, n_cap = sims.shape
     im_div, caps, R = dataset.im_div, dataset.raw_captions, dataset.images.shape[1]
     names = image_names(dataset, image_dir)
     pics = Pictures(out_dir, names, image_dir, read_boxes(dataset, R), R)
     named = (lambda i: {'image_name': names[i]}) if names else (lambda i: {})  # noqa: E731
     body = ['<h2>Image to text: top-3 sentences (correct / wrong) and the top-10 predicted labels</h2>']
-    for i in _pick(n_img, n):
-        top = _top(sims[i], 3)
+    for i, top, probs in image_queries:
         res = {'image': i, **named(i), 'results': [
             {'rank': r, 'index': j, 'score': sims[i, j].item(), 'caption': caps[j], 'correct': j // im_div == i}
             for r, j in enumerate(top, 1)]}
-        extra = ('' if model.head is None else
-                 labels_html(predicted_labels(model, dataset.images, dataset.captions, i, top, device), label_words))
-        body.append(image_query_html(pics, res, extra))
+        body.append(image_query_html(pics, res, '' if probs is None else labels_html(probs, label_words)))
     body.append('<h2>Text to image: top-5 images with their ground-truth captions; where each word looks in '
                 'the first</h2>')
-    for q, j in enumerate(_pick(n_cap, n)):
-        top = _top(sims[:, j], 5)
+    for q, (j, top, attn) in enumerate(text_queries):
         res = {'query': caps[j], 'results': [
             {'rank': r, 'index': i, 'score': sims[i, j].item(), **named(i), 'correct': i == j // im_div}
             for r, i in enumerate(top, 1)]}
-        img = encode_images(model, dataset.images[top[0]:top[0] + 1], device=device)
-        cap = encode_captions(model, [dataset.captions[j]], device=device)[0][1]
-        extras = {1: pics.heatmaps(f's{q}_r1', top[0], dataset.tokens[j], pair_attention(model, img, cap, precision),
-                                   None if vocab is None else vocab.word2idx)}
+        extras = {1: pics.heatmaps(f's{q}_r1', top[0], dataset.tokens[j], attn, known)}
         body.append(text_query_html(pics, res, lambda i: caps[i * im_div:(i + 1) * im_div], f'Sentence {j}', extras))
     title = f'Retrieval examples: {dataset.split} split, {n_img} images x {n_cap} captions'
     return write_page(os.path.join(out_dir, 'examples.html'), title, body)

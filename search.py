@@ -32,8 +32,9 @@ import index
 import report
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_image_names, read_image_names
-from encode import encode_captions, encode_images
+from encode import encode_captions, encode_images, encode_pair
 from evaluation import check_memory_budget, check_model_fits
+from explain import pair_attention, pair_labels
 from model import PRECISIONS, Side
 from scoring import top_captions, top_images
 from vocab import encode, query_tokens
@@ -173,9 +174,8 @@ class Searcher:
     def _pair(self, query_text: str, image_index) -> tuple:
         """-> the query's tokens, the image and the query encoded (Sides of 1)."""
         tokens = query_tokens(query_text, f'query {_short(query_text)}')
-        i = self.image_index(image_index)
-        img = encode_images(self.model, self.dataset.images[i:i + 1], device=self.device)
-        cap = encode_captions(self.model, [encode(self.vocab, tokens)], device=self.device)[0][1]
+        img, cap = encode_pair(self.model, self.dataset.images, self.image_index(image_index), encode(self.vocab, tokens),
+                               self.device)
         return tokens, img, cap
 
     @_in_precision
@@ -183,7 +183,7 @@ class Searcher:
         """Where each word of a text query looks in an image (index or name) -> (words, attn
         (n_words, R) float32): the t2i attention of each real word (not <start>, <end>), in order."""
         tokens, img, cap = self._pair(query_text, image_index)
-        return tokens, report.pair_attention(self.model, img, cap, self.score_args['precision'])
+        return tokens, pair_attention(self.model, img, cap, self.score_args['precision'])
 
     @_in_precision
     def photo(self, features, k: int = 10) -> dict:
@@ -200,7 +200,7 @@ class Searcher:
         """The labels the model predicts for a text query and an image (index or name) -> (K,)
         probabilities: sigmoid of the head's logits for the image attended by the query."""
         _, img, cap = self._pair(query_text, image_index)
-        return report.pair_labels(self.model, img, cap)
+        return pair_labels(self.model, img, cap)
 
     def page_names(self, image_dir: str = None):
         """The split's image names checked inside image_dir (not read again) -> list, or None without
@@ -234,10 +234,10 @@ class Searcher:
             extras = {}
             for r in res['results'][:3]:
                 words, img, cap = self._pair(res['query'], r['index'])
-                attn = report.pair_attention(self.model, img, cap, self.score_args['precision'])
+                attn = pair_attention(self.model, img, cap, self.score_args['precision'])
                 part = pics.heatmaps(f'q{q}_r{r["rank"]}', r['index'], words, attn, self.vocab.word2idx)
                 if self.model.head is not None:
-                    part += report.labels_html(report.pair_labels(self.model, img, cap), self.labels)
+                    part += report.labels_html(pair_labels(self.model, img, cap), self.labels)
                 extras[r['rank']] = part
             body.append(report.text_query_html(pics, res, captions, 'Query', extras))
         title = f'Search: {ds.split} split, {ds.n_images} images x {len(ds.raw_captions)} captions'
