@@ -216,18 +216,27 @@ def write_examples(model: CASC, dataset, sims: Tensor, label_words, n: int, out_
                                 None if vocab is None else vocab.word2idx)
 
 
-def parse_args(argv=None):
-    p = util.parser(__doc__)
+def add_scoring_flags(p):
+    """The flags evaluation.py and search.py share: the checkpoint, its data, and how pairs are scored."""
     p.add_argument('--model_path', required=True, help='checkpoint (this project\'s, the authors\' or SCAN\'s)')
-    p.add_argument('--model_path2', help='second checkpoint: average the two score matrices (default: none)')
     p.add_argument('--data_path', help='folder holding {data_name}/ (default: the checkpoint\'s)')
     p.add_argument('--data_name', help='dataset folder name (default: the checkpoint\'s)')
     p.add_argument('--vocab_path', help='folder of {data_name}_vocab.json, or the file (default: the vocabulary '
                                         'stored in the checkpoint; required for the authors\' and SCAN\'s)')
+    p.add_argument('--alpha', type=util.nonneg_float, help='local score weight (default: the checkpoint\'s, 0.8)')
+    p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
+    p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0,
+                   help='memory budget of one scoring chunk, in GB')
+
+
+def parse_args(argv=None):
+    p = util.parser(__doc__)
+    add_scoring_flags(p)
+    p.add_argument('--model_path2', help='second checkpoint: average the two score matrices (default: none)')
     p.add_argument('--split', default='test', help='test | testall | dev')
     p.add_argument('--fold5', action='store_true', help='average 5 folds of 1,000 images (COCO 1K)')
     p.add_argument('--save_sims', metavar='FILE.npy', help='write the score matrix and ranks (default: not written)')
-    p.add_argument('--alpha', type=util.nonneg_float, help='local score weight (default: the checkpoint\'s, 0.8)')
     p.add_argument('--cross_attn', choices=('all', 't2i', 'i2t'), help='override the local score '
                                                                        '(default: the checkpoint\'s)')
     p.add_argument('--examples', type=util.nonneg_int, default=0, metavar='N',
@@ -236,10 +245,6 @@ def parse_args(argv=None):
     p.add_argument('--overwrite', action='store_true', help='replace the files of --save_sims and an examples report (and its pictures) in --out')
     p.add_argument('--image_dir', help='images, shown in the report when the split has {split}_image_names.txt '
                                        '(default: none)')
-    p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')
-    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
-    p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0,
-                   help='memory budget of one scoring chunk, in GB')
     return p.parse_args(argv)
 
 

@@ -33,7 +33,7 @@ import report
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_image_names, read_image_names
 from encode import encode_captions, encode_images, encode_pair
-from evaluation import check_memory_budget, check_model_fits
+from evaluation import add_scoring_flags, check_memory_budget, check_model_fits
 from explain import pair_attention, pair_labels
 from model import PRECISIONS, Side
 from scoring import top_captions, top_images
@@ -294,11 +294,7 @@ def table(res: dict) -> str:
 
 def parse_args(argv=None):
     p = util.parser(__doc__)
-    p.add_argument('--model_path', required=True, help='checkpoint (this project\'s, the authors\' or SCAN\'s)')
-    p.add_argument('--data_path', help='folder holding {data_name}/ (default: the checkpoint\'s)')
-    p.add_argument('--data_name', help='dataset folder name (default: the checkpoint\'s)')
-    p.add_argument('--vocab_path', help='folder of {data_name}_vocab.json, or the file (default: the vocabulary '
-                                        'stored in the checkpoint; required for the authors\' and SCAN\'s)')
+    add_scoring_flags(p)
     p.add_argument('--split', default='test', help='the split searched: its images, or its captions')
     what = p.add_mutually_exclusive_group(required=True)
     one_of = 'one of --query, --queries, --image, --serve is required'
@@ -312,17 +308,12 @@ def parse_args(argv=None):
     what.add_argument('--serve', action='store_true', help='serve a page and a JSON API on --host:--port instead '
                       f'(server.py; {one_of})')
     p.add_argument('--k', type=util.positive_int, default=10, help='results per query (at most the gallery size)')
-    p.add_argument('--alpha', type=util.nonneg_float, help='local score weight (default: the checkpoint\'s, 0.8)')
     p.add_argument('--json', action='store_true', help='one JSON object per query per line instead of tables')
     p.add_argument('--out', metavar='DIR', help='also write an HTML page of the results, DIR/index.html, with its '
                                                 'pictures (default: none)')
     p.add_argument('--overwrite', action='store_true', help='replace a page (and its pictures) in --out')
     p.add_argument('--image_dir', help='the split\'s images, named in {split}_image_names.txt: thumbnails on the '
                                        'page (default: none; needs --out or --serve)')
-    p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')
-    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
-    p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0,
-                   help='memory budget of one scoring chunk, in GB')
     p.add_argument('--index_dir', default='auto', metavar='DIR|auto|none',
                    help='the gallery index (index.py): encoded once, memory-mapped, rebuilt when the checkpoint, '
                         'split or precision change; auto: index/{data_name}_{split}_{precision} beside the '
