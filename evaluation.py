@@ -5,7 +5,9 @@
     torchrun --standalone --nproc_per_node N evaluation.py <the same flags>   (the scoring shared by N processes)
 
 Loads this project's checkpoints, the authors' release format and SCAN's (no label head), always
-with torch.load(weights_only=True).
+with torch.load(weights_only=True). Owns: ranks and recalls, the 5-fold split, checks of the inputs
+and outputs, the score matrix file, the queries of --examples (drawn by report.py), the command
+line (add_scoring_flags: the flags search.py shares). The scores themselves: scoring.py.
 """
 import os
 import time
@@ -121,6 +123,17 @@ def check_model_fits(model: CASC, path: str, alpha, data_path: str, data_name: s
     check_img_dim(data_path, data_name, [split], model.cfg.img_dim, f'{path} (img_dim {model.cfg.img_dim})')
 
 
+def _check_outputs(save_sims, fold5: bool, examples: int, out: str, overwrite: bool):
+    """Every file evalrank would write, writable and not already there (unless overwrite)."""
+    for path in _fold_paths(save_sims, 5 if fold5 else 1):  # every file written, not only FILE.npy
+        for file in ([path, _ranks_path(path)] if path else []):
+            util.check_writable(file, '--save_sims')
+            if os.path.exists(file) and not overwrite:  # a score matrix may have taken an hour to make
+                raise ValueError(f'--save_sims {file} exists: pass --overwrite to replace it, or choose another file')
+    if examples:
+        report.check_out(out, 'examples.html', overwrite)
+
+
 def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: bool = False, *,
              model_path2: str = None, data_name: str = None, vocab_path: str = None, alpha: float = None,
              cross_attn: str = None, save_sims: str = None, device: str = None, precision: str = 'fp32',
@@ -131,13 +144,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     torchrun the processes share the scoring; rank 0 prints, writes and returns the metrics
     (the others return None)."""
     check_memory_budget(eval_memory_gb)
-    for path in _fold_paths(save_sims, 5 if fold5 else 1):  # every file written, not only FILE.npy
-        for file in ([path, _ranks_path(path)] if path else []):
-            util.check_writable(file, '--save_sims')
-            if os.path.exists(file) and not overwrite:  # a score matrix may have taken an hour to make
-                raise ValueError(f'--save_sims {file} exists: pass --overwrite to replace it, or choose another file')
-    if examples:
-        report.check_out(out, 'examples.html', overwrite)
+    _check_outputs(save_sims, fold5, examples, out, overwrite)
     device = parallel.start(util.pick_device(device))
     util.set_precision(precision)
     main = parallel.is_main()
@@ -184,7 +191,7 @@ def evalrank(model_path: str, data_path: str = None, split: str = 'dev', fold5: 
     print_metrics(metrics, 'mean of 5 folds: ' if fold5 else '')
     if examples:
         path = write_examples(models[0].model, dataset, first_sims, models[0].labels, examples, out,
-                                     image_dir, device, precision, vocabs[0])
+                              image_dir, device, precision, vocabs[0])
         print(f'retrieval examples written to {path}')
     return metrics
 

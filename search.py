@@ -6,15 +6,15 @@
     python search.py --model_path runs/f30k/model_best.pth.tar --query "a dog" --out page --image_dir IMAGES
     python search.py --model_path runs/f30k/model_best.pth.tar --serve --image_dir IMAGES   # a page + JSON API
 
-Scores are the CASC scores evaluation.py computes for the same pairs (same alpha, engine and
-precision; up to float32 rounding, ~1e-7, which moves with the batch a caption is padded in). The
-gallery (the split's images, or its captions) is encoded once and scored in the chunks of
-evaluation.plan_chunks, keeping only each query's top k: memory beyond the encoded gallery does not
-grow with it. Highest score first; equal scores go to the lower index. Tables (or, with --json, one
-JSON object per query per line) on stdout; warnings and progress on stderr. --out DIR also writes
-an HTML page, DIR/index.html (report.py): thumbnails with --image_dir, and for each text query's top 3
-images where each word looks and the labels the model predicts. From Python:
-Searcher(model_path, split='test').text(['a red dog'], k=5) returns what --json prints.
+Owns the Searcher API (a checkpoint and a split: queries, attention, labels, pages; the server goes
+through it) and the command line. Scores are evaluation.py's for the same pairs (same alpha, engine
+and precision; up to float32 rounding, ~1e-7, which moves with the batch a caption is padded in),
+streamed over scoring.py's chunks keeping each query's top k: memory beyond the gallery (encoded once,
+or mapped from its index) does not grow with it. Highest score first; equal scores go to the lower
+index. Tables (or, with --json, one JSON object per query per line) on stdout; warnings and progress
+on stderr. --out DIR also writes an HTML page, DIR/index.html (report.py): thumbnails with --image_dir,
+and for each text query's top 3 images where each word looks and the labels the model predicts.
+From Python: Searcher(model_path, split='test').text(['a red dog'], k=5) returns what --json prints.
 """
 import functools
 import json
@@ -43,31 +43,6 @@ from vocab import encode, query_tokens
 # lengths, and small batches pad less (100 queries of Flickr30K's caption lengths over 1,000 images on
 # the 2-core dev VM: 14k pairs/s in batches of 128, 21k in batches of 16).
 QUERY_BATCH = 16
-
-
-# ---------------------------------------------------------------------------------------------
-# Queries: checked, with one line naming the query, file and line at fault.
-
-def _short(text: str, n: int = 60) -> str:
-    return repr(text if len(text) <= n else text[:n - 3] + '...')
-
-
-def read_lines(path: str, flag: str) -> list:
-    """A UTF-8 text file -> [(line number, stripped line)]; ValueError naming the file and line of
-    a line that is not UTF-8."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{flag} {path}: file not found')
-    return util.read_text_lines(path)
-
-
-def read_queries(path: str) -> list:
-    """--queries FILE: one text query per line, blank lines skipped, each checked (file and line)."""
-    lines = [(n, q) for n, q in read_lines(path, '--queries') if q]
-    if not lines:
-        raise ValueError(f'--queries {path}: no queries in it')
-    for n, q in lines:
-        query_tokens(q, f'{path}: line {n}')
-    return [q for _, q in lines]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,16 +113,13 @@ class Searcher:
             raise ValueError('no text queries')
         tokens = [query_tokens(q, f'query {_short(q)}') for q in queries]  # all checked before any work
         for q, toks in zip(queries, tokens):
-            unknown = list(dict.fromkeys(t for t in toks if t not in self.vocab.word2idx))
+            unknown = ', '.join(map(repr, dict.fromkeys(t for t in toks if t not in self.vocab.word2idx)))
             if unknown:
-                print(f'warning: query {_short(q)}: not in the vocabulary, scored as <unk>: '
-                      f'{", ".join(map(repr, unknown))}', file=sys.stderr, flush=True)
+                print(f'warning: query {_short(q)}: not in the vocabulary, scored as <unk>: {unknown}', file=sys.stderr,
+                      flush=True)
         encoded = encode_captions(self.model, [encode(self.vocab, t) for t in tokens], QUERY_BATCH, self.device)
         values, indices = top_images(self.model, self.gallery_images(), encoded, k, **self.score_args)
-        name = (lambda i: {'image_name': self.names[i]}) if self.names else (lambda i: {})  # noqa: E731
-        return [{'query': q, 'results': [{'rank': r, 'index': i, 'score': s, **name(i)}
-                                         for r, (s, i) in enumerate(zip(v.tolist(), ind.tolist()), 1)]}
-                for q, v, ind in zip(queries, values, indices)]
+        return [{'query': q, 'results': _ranked(v, ind, self._name)} for q, v, ind in zip(queries, values, indices)]
 
     @_in_precision
     def image(self, images, k: int = 10) -> list:
@@ -162,21 +134,20 @@ class Searcher:
         rows = [self.image_index(item) for item in images]
         query = encode_images(self.model, self.dataset.images[rows], device=self.device)
         values, indices = top_captions(self.model, query, self.gallery_captions(), k, rows=rows, **self.score_args)
-        ds, out = self.dataset, []
-        for i, v, ind in zip(rows, values, indices):
-            res = {'image': i, **({'image_name': self.names[i]} if self.names else {})}
-            res['results'] = [{'rank': r, 'index': j, 'score': s, 'caption': ds.raw_captions[j],
-                               'correct': j // ds.im_div == i}
-                              for r, (s, j) in enumerate(zip(v.tolist(), ind.tolist()), 1)]
-            out.append(res)
-        return out
+        ds = self.dataset
+        return [{'image': i, **self._name(i), 'results': _ranked(v, ind, lambda j, i=i: {
+                    'caption': ds.raw_captions[j], 'correct': j // ds.im_div == i})}
+                for i, v, ind in zip(rows, values, indices)]
+
+    def _name(self, i: int) -> dict:
+        """{'image_name': image i's name} when the split has names, else {}."""
+        return {'image_name': self.names[i]} if self.names else {}
 
     def _pair(self, query_text: str, image_index) -> tuple:
         """-> the query's tokens, the image and the query encoded (Sides of 1)."""
         tokens = query_tokens(query_text, f'query {_short(query_text)}')
-        img, cap = encode_pair(self.model, self.dataset.images, self.image_index(image_index), encode(self.vocab, tokens),
-                               self.device)
-        return tokens, img, cap
+        i = self.image_index(image_index)
+        return (tokens, *encode_pair(self.model, self.dataset.images, i, encode(self.vocab, tokens), self.device))
 
     @_in_precision
     def attention(self, query_text: str, image_index) -> tuple:
@@ -192,15 +163,13 @@ class Searcher:
         k = _check_k(k)
         query = encode_images(self.model, features, device=self.device)
         values, indices = top_captions(self.model, query, self.gallery_captions(), k, **self.score_args)
-        return {'results': [{'rank': r, 'index': j, 'score': s, 'caption': self.dataset.raw_captions[j]}
-                            for r, (s, j) in enumerate(zip(values[0].tolist(), indices[0].tolist()), 1)]}
+        return {'results': _ranked(values[0], indices[0], lambda j: {'caption': self.dataset.raw_captions[j]})}
 
     @_in_precision
     def predicted_labels(self, query_text: str, image_index) -> torch.Tensor:
         """The labels the model predicts for a text query and an image (index or name) -> (K,)
         probabilities: sigmoid of the head's logits for the image attended by the query."""
-        _, img, cap = self._pair(query_text, image_index)
-        return pair_labels(self.model, img, cap)
+        return pair_labels(self.model, *self._pair(query_text, image_index)[1:])
 
     def page_names(self, image_dir: str = None):
         """The split's image names checked inside image_dir (not read again) -> list, or None without
@@ -262,6 +231,15 @@ class Searcher:
         return self._by_name[text]
 
 
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n - 3] + '...')
+
+
+def _ranked(values, indices, more) -> list:
+    """One query's top k, scores and gallery indices (k,) -> [{'rank' (from 1), 'index', 'score', **more(index)}]."""
+    return [{'rank': r, 'index': i, 'score': s, **more(i)} for r, (s, i) in enumerate(zip(values.tolist(), indices.tolist()), 1)]
+
+
 def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f'--k {k!r}: expected a positive integer')
@@ -270,6 +248,19 @@ def _check_k(k) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
+
+def read_queries(path: str) -> list:
+    """--queries FILE (UTF-8): one text query per line, blank lines skipped, each checked; ValueError
+    naming the file and line of one that is not UTF-8 or not a query."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--queries {path}: file not found')
+    lines = [(n, q) for n, q in util.read_text_lines(path) if q]
+    if not lines:
+        raise ValueError(f'--queries {path}: no queries in it')
+    for n, q in lines:
+        query_tokens(q, f'{path}: line {n}')
+    return [q for _, q in lines]
+
 
 def table(res: dict) -> str:
     """One query's results as a text table: rank, score, image index and name, or caption index,
