@@ -17,7 +17,7 @@ import torch
 
 import util
 from model import CASC, Config
-from vocab import Vocabulary, deserialize_vocab, first_difference
+from vocab import Vocabulary, deserialize_vocab, first_difference, vocab_file
 
 # Config fields that change the shapes of the weights: a resumed run must keep them.
 SIZE_FIELDS = ('vocab_size', 'word_dim', 'embed_size', 'img_dim', 'num_layers', 'bi_gru',
@@ -119,11 +119,6 @@ def load_model(path: str, device='cpu', **overrides) -> Loaded:
     except RuntimeError as e:
         raise ValueError(f'{path}: weights do not fit the options stored with them ({e})') from None
     return Loaded(model.to(device).eval(), opt, ckpt.get('labels'), ckpt.get('vocab'))
-
-
-def vocab_file(vocab_path: str, data_name: str) -> str:
-    """--vocab_path names a folder holding {data_name}_vocab.json, or the file itself."""
-    return vocab_path if os.path.isfile(vocab_path) else os.path.join(vocab_path, f'{data_name}_vocab.json')
 
 
 def check_same_words(words: list, trained: list, where: str, ckpt_path: str):

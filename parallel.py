@@ -10,8 +10,9 @@ is inert (one process, world size 1) and `python train.py` runs exactly as befor
     gathered from every process with gradients (`Gather`); each process scores its images
     against all captions, and the (B, B) score matrix and the label logits are gathered, so every
     process computes the single-process loss of the global batch. Each process back-propagates
-    that same loss: the gathers sum the gradients of every process's copy (N times the
-    gradient), and DistributedDataParallel's average divides by N again.
+    that same loss: the gathers' backward sums the gradients of every process's copy (N times
+    the gradient), and one flat all_reduce of all gradients divided by N (`average_gradients`,
+    not DistributedDataParallel, which is not used) brings it back to the single-process gradient.
   * Scores. Evaluation plans one pass of (caption batch, image chunk) items, the same for any
     number of processes (evaluation.plan_work), deals them out by pairs, about 1/N of them to each
     process (`deal`), and sums the partial matrices on rank 0: every score is computed in the
@@ -29,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Sampler
+
+import util
 
 TIMEOUT_SECONDS = 600  # a collective that waits longer (a process died or hangs) ends the run
 
@@ -52,8 +55,7 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+rank = util.rank  # torch.distributed's rank once joined, else torchrun's RANK, else 0
 
 
 def is_main() -> bool:

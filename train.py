@@ -31,7 +31,7 @@ import evaluation
 import labels as labels_lib
 import parallel
 from model import CASC, PRECISIONS, Config
-from vocab import deserialize_vocab
+from vocab import deserialize_vocab, vocab_file
 
 log = logging.getLogger('casc')
 
@@ -96,7 +96,7 @@ def load_vocab_and_labels(args):
     """-> (vocab, label words, pos_weight) for args.data_name, or ValueError/OSError naming the file.
     A labels file with fewer than --num_labels labels (labels.py on a small caption set) gives them
     all, said so, and args.num_labels becomes their number (the head's K, stored in checkpoints)."""
-    vocab = deserialize_vocab(vocab_file(args))
+    vocab = deserialize_vocab(vocab_file(args.vocab_path, args.data_name))
     if not args.num_labels:
         return vocab, [], None
     path = os.path.join(args.vocab_path, f'{args.data_name}_labels.json')
@@ -107,10 +107,6 @@ def load_vocab_and_labels(args):
                   f'using all {len(lab["labels"])}', flush=True)
         args.num_labels = len(lab['labels'])
     return vocab, lab['labels'][:args.num_labels], torch.tensor(lab['pos_weight'][:args.num_labels])
-
-
-def vocab_file(args) -> str:
-    return os.path.join(args.vocab_path, f'{args.data_name}_vocab.json')
 
 
 def make_optimizers(model, args):
@@ -255,7 +251,8 @@ def run(args, saved: list):
     cfg = Config.from_opt(vars(args), vocab_size=len(vocab))
     ckpt = checkpoint.read(args.resume, '--resume') if args.resume else None  # before any data is loaded
     if ckpt is not None:
-        checkpoint.check_resume(ckpt, args.resume, cfg, vocab, vocab_file(args), label_words)
+        checkpoint.check_resume(ckpt, args.resume, cfg, vocab, vocab_file(args.vocab_path, args.data_name),
+                                label_words)
     data.check_img_dim(args.data_path, args.data_name, ('train', 'dev'), args.img_dim)
     with contextlib.ExitStack() as held:
         stale = []

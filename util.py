@@ -95,6 +95,16 @@ class LogProgress:
         self.lines += 1
 
 
+def rank() -> int:
+    """This process's rank: torch.distributed's once it is initialized, else the RANK torchrun
+    set, else 0. Reads torch only when something else imported it (scripts without torch stay fast)."""
+    dist = sys.modules.get('torch.distributed')
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    env = os.environ.get('RANK', '0')
+    return int(env) if env.isdigit() else -1  # not a rank torchrun sets: not rank 0
+
+
 def progress_seconds() -> float:
     """Seconds between progress lines off a terminal: CASC_PROGRESS_SECONDS, default 30."""
     env = os.environ.get('CASC_PROGRESS_SECONDS', '30')
@@ -112,7 +122,7 @@ def progress(iterable=None, *, total=None, desc='', unit='it', unit_scale=False,
     """A progress bar (tqdm) when stderr is a terminal (leave=False: erased when done), else a
     LogProgress that writes through `log` (default: stderr). enabled=False, or a process other
     than rank 0 under torchrun: neither (the object still counts)."""
-    enabled = enabled and os.environ.get('RANK', '0') == '0'
+    enabled = enabled and rank() == 0
     if enabled and sys.stderr.isatty():
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,

@@ -175,6 +175,11 @@ def deserialize_vocab(path: str) -> Vocabulary:
     return vocab
 
 
+def vocab_file(vocab_path: str, data_name: str) -> str:
+    """--vocab_path names a folder holding {data_name}_vocab.json, or the file itself."""
+    return vocab_path if os.path.isfile(vocab_path) else os.path.join(vocab_path, f'{data_name}_vocab.json')
+
+
 def count_words(data_path: str, data_name: str, splits=('train', 'dev')) -> Counter:
     """Token counts over ``splits``' captions."""
     counter = Counter()
