@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 import util
-from data import check_image_names, read_image_names
+from image_names import check_image_names, read_image_names
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # ImageNet
@@ -23,7 +23,7 @@ LONG_CAP = 1333 / 800  # longer side at most this times the shorter one's size (
 
 def read_names(path: str, image_root: str) -> tuple:
     """{split}_image_names.txt -> (names, False); without that file, the image files directly in
-    image_root sorted by name -> (names, True). Either way checked as data.check_image_names does
+    image_root sorted by name -> (names, True). Either way checked as image_names.check_image_names does
     inside image_root: ValueError naming the line of an empty, absolute, '..', repeated, ... name."""
     if not os.path.isdir(image_root):
         raise ValueError(f'--image_root {image_root}: no such folder')

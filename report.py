@@ -30,9 +30,11 @@ util.quiet_ctrl_c(__name__)
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from data import read_image_names
+from image_names import read_image_names
+from featstore import boxes_for
+from imagefiles import load_rgb
 
 THUMB = 256  # px: the longer side of a thumbnail
 CANVAS = 192  # px: the grey square a heat map is drawn on when there is no thumbnail
@@ -93,7 +95,7 @@ def names_path(dataset) -> str:
 def image_names(dataset, image_dir) -> list:
     """The split's image names (``names_path``, one per image) checked inside image_dir -> list,
     or None without image_dir or without that file. ValueError (file, line) as
-    data.read_image_names: a bad line, a name outside image_dir, a count other than the split's
+    image_names.read_image_names: a bad line, a name outside image_dir, a count other than the split's
     images; and for an image_dir that is no folder."""
     path = names_path(dataset)
     if image_dir is None or not os.path.isfile(path):
@@ -104,9 +106,8 @@ def image_names(dataset, image_dir) -> list:
 def read_boxes(dataset, R: int):
     """``{split}_boxes.npy`` beside the split's captions (features.py --regions boxes) -> its
     (n_images, R, 4) float array of (x1, y1, x2, y2) in [0, 1], memory-mapped; None without the
-    file, or when it does not belong to the features beside it (features.boxes_for: features.py's
+    file, or when it does not belong to the features beside it (featstore.boxes_for: features.py's
     record says so). ValueError naming the file when it is unreadable or of another shape."""
-    from features import boxes_for  # torchvision's import only where pages are drawn
     folder = os.path.dirname(dataset.caps_path)
     path, boxes = os.path.join(folder, f'{dataset.split}_boxes.npy'), boxes_for(folder, dataset.split)
     if boxes is None:
@@ -147,9 +148,9 @@ def heat_map(base, attn: np.ndarray, boxes: np.ndarray) -> Image.Image:
 
 
 def load_thumbnail(path) -> Image.Image:
-    """An image file (a path or a binary file object) -> upright RGB, at most THUMB px (PIL's errors pass)."""
-    with Image.open(path) as im:
-        thumb = ImageOps.exif_transpose(im).convert('RGB')
+    """An image file (a path or a binary file object) -> upright RGB as imagefiles.load_rgb decodes
+    it (transparent pixels over white), at most THUMB px (PIL's errors pass)."""
+    thumb = load_rgb(path)
     thumb.thumbnail((THUMB, THUMB))
     return thumb
 

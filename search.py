@@ -31,7 +31,8 @@ import torch
 import index
 import report
 from checkpoint import load_model, model_vocab
-from data import PrecompDataset, check_image_names, read_image_names
+from data import PrecompDataset
+from image_names import check_image_names, read_image_names
 from encode import encode_captions, encode_images, encode_pair
 from evaluation import add_scoring_flags, check_memory_budget, check_model_fits
 from explain import pair_attention, pair_labels
@@ -77,7 +78,7 @@ class Searcher:
         self.vocab, self.labels = model_vocab(loaded, model_path, vocab_path, data_name), loaded.labels
         check_model_fits(self.model, model_path, alpha, data_path, data_name, split)
         self.dataset = PrecompDataset(data_path, data_name, split, self.vocab)
-        self.names_path = report.names_path(self.dataset)  # read here once, checked as data.read_image_names
+        self.names_path = report.names_path(self.dataset)  # read here once, checked as image_names.read_image_names
         self.names = (read_image_names(self.names_path, self.dataset.n_images)
                       if os.path.isfile(self.names_path) else None)
         self.score_args = dict(alpha=alpha, precision=precision, memory_gb=eval_memory_gb, progress=True,

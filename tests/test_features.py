@@ -110,7 +110,7 @@ def test_every_kind_of_image_becomes_rgb_upright(tmp_path):
     assert abs(cmyk - picture(40, 52, 1)).mean() < 10  # CMYK back to the RGB it was made from
 
 
-@pytest.mark.parametrize('lines, line, why', [  # data.read_image_names's rules, inside --image_root
+@pytest.mark.parametrize('lines, line, why', [  # image_names.read_image_names's rules, inside --image_root
     (['a.jpg', '', 'b.jpg'], 2, 'empty'),
     (['a.jpg', 'b.jpg', './a.jpg'], 3, "'./a.jpg' names the same image as line 1"),
     (['a.jpg', 'b.jpg', 'a.jpg'], 3, "'a.jpg' names the same image as line 1"),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import data
+import karpathy
 from conftest import ROOT
 from vocab import MAX_CAPTION_CHARS, build_vocab
 
@@ -99,7 +100,7 @@ def test_coco_testall_is_every_test_image_and_test_its_first_1000(tmp_path, data
               entry('r0.jpg', 'restval', caps('r0'), **where('val2014'))]
     images += [entry(f'x{i}.jpg', 'test', caps(f'x{i}'), **where('val2014')) for i in range(1003)]
     top = {'images': images, **({'dataset': dataset} if dataset else {})}
-    counts = data.from_karpathy(write(tmp_path, top, 'dataset_coco.json'), str(tmp_path), 'coco_precomp')
+    counts = karpathy.from_karpathy(write(tmp_path, top, 'dataset_coco.json'), str(tmp_path), 'coco_precomp')
     assert counts == {'train': 2, 'dev': 1, 'test': 1000, 'testall': 1003}
     folder = str(tmp_path / 'coco_precomp')
     prefix = 'val2014/' if filepath else ''
@@ -114,7 +115,7 @@ def test_coco_testall_is_every_test_image_and_test_its_first_1000(tmp_path, data
 def test_same_filename_in_two_coco_folders_is_two_images(tmp_path):
     top = {'dataset': 'coco', 'images': [entry('x.jpg', 'train', caps('a'), filepath='train2014'),
                                          entry('x.jpg', 'test', caps('b'), filepath='val2014')]}
-    assert data.from_karpathy(write(tmp_path, top), str(tmp_path), 'c') == {'train': 1, 'test': 1, 'testall': 1}
+    assert karpathy.from_karpathy(write(tmp_path, top), str(tmp_path), 'c') == {'train': 1, 'test': 1, 'testall': 1}
 
 
 def test_an_image_with_4_sentences_is_refused_by_name_and_nothing_is_written(tmp_path):
@@ -195,7 +196,7 @@ def test_a_file_that_is_not_a_split_file_is_one_line_naming_it(tmp_path, capsys,
 def test_a_split_without_images_is_not_written_and_the_run_says_so(tmp_path, capsys):
     top = flickr()
     del top['images'][2]  # the only val image
-    assert data.from_karpathy(write(tmp_path, top), str(tmp_path), 'f30k') == {'train': 4, 'test': 1}
+    assert karpathy.from_karpathy(write(tmp_path, top), str(tmp_path), 'f30k') == {'train': 4, 'test': 1}
     assert sorted(os.listdir(tmp_path / 'f30k')) == ['test_caps.txt', 'test_image_names.txt',
                                                      'train_caps.txt', 'train_image_names.txt']
     assert 'no images for dev' in capsys.readouterr().out
@@ -240,7 +241,7 @@ def test_rerun_identical_leaves_files_changed_captions_need_overwrite(tmp_path):
 
 
 def test_written_split_loads_with_caption_k_on_image_k_div_5(tmp_path):
-    counts = data.from_karpathy(write(tmp_path, flickr()), str(tmp_path), 'mine_precomp')
+    counts = karpathy.from_karpathy(write(tmp_path, flickr()), str(tmp_path), 'mine_precomp')
     folder = str(tmp_path / 'mine_precomp')
     n_img = counts['train']
     ims = (np.arange(n_img)[:, None, None] + np.random.default_rng(0).random((n_img, 4, 8))).astype(np.float32)

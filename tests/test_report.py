@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import evaluation
+import image_names as image_names_lib
 import report
 import toy
 import vocab as vocab_lib
@@ -143,7 +144,7 @@ def write_image(path, size=(64, 48), mode='RGB', colour=(200, 30, 30), exif_orie
         im.save(path)
 
 
-# ---------------------------------------------------------------- image_names (data.read_image_names)
+# ---------------------------------------------------------------- image_names (image_names.read_image_names)
 
 def names_setup(tmp_path, content, n_images=3):
     """A split of n_images images whose names file holds ``content`` (str: UTF-8; bytes: as is)."""
@@ -174,7 +175,7 @@ def test_image_names_is_none_without_image_dir_or_names_file(tmp_path):
 
 
 def refusal(tmp_path, content, n_images=3, symlink=False) -> str:
-    """report.image_names's ValueError: one line naming the file. data.read_image_names without
+    """report.image_names's ValueError: one line naming the file. image_names.read_image_names without
     image_dir refuses the same file in the same words, but for what only symlinks in it can cause."""
     dataset, image_dir, path = names_setup(tmp_path, content, n_images)
     with pytest.raises(ValueError) as err:
@@ -183,7 +184,7 @@ def refusal(tmp_path, content, n_images=3, symlink=False) -> str:
     assert message.startswith(path) and '\n' not in message
     if not symlink:
         with pytest.raises(ValueError) as err:
-            data.read_image_names(path, n_images)
+            image_names_lib.read_image_names(path, n_images)
         assert str(err.value) == message
     return message
 

@@ -303,7 +303,7 @@ def bad_names(world):
 
 
 def test_a_bad_names_file_is_refused_naming_its_line_when_the_split_is_opened(world, bad_names, capsys):
-    # data.read_image_names's rules hold without --image_dir too (test_report.py tests each one)
+    # image_names.read_image_names's rules hold without --image_dir too (test_report.py tests each one)
     good = [f'{1000 + i}.jpg' for i in range(N_IMG)]
     for lines, why in ((good[:7] + [good[3]] + good[8:], "line 8: '1003.jpg' names the same image as line 4"),
                        (good[:-1], f'has {N_IMG - 1} names but its split has {N_IMG} images'),
