@@ -42,6 +42,7 @@ from featstore import finish, open_partials, remove_partials, resume_point  # no
 from featstore import boxes_for  # noqa: E402,F401  (re-exported: report.read_boxes calls features.boxes_for)
 from imagefiles import LONG_CAP, Images, check_images, collate, read_names  # noqa: E402
 from imagefiles import load_rgb  # noqa: E402,F401  (re-exported: report.py's thumbnails)
+from progress import duration  # noqa: E402
 
 
 # --- the write loop
@@ -67,8 +68,8 @@ def write_features(loader, arrays: list, state: dict, state_path: str, trunk, de
 # --- the run's time
 
 def seconds(t: float) -> str:
-    """'4.2 s' under a minute, else util.duration's '3 min 05 s'."""
-    return f'{t:.1f} s' if t < 60 else util.duration(t)
+    """'4.2 s' under a minute, else progress.duration's '3 min 05 s'."""
+    return f'{t:.1f} s' if t < 60 else duration(t)
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""util.py: progress lines off a terminal, durations, atomic writes, the folder lock (held by
+"""util.py and progress.py: progress lines off a terminal, durations, atomic writes, the folder lock (held by
 another real process, released even by SIGKILL), writable-output checks and the checked flag
 types. Real files and processes, no mocks."""
 import argparse
@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import progress
 import util
 from conftest import ROOT
 
@@ -25,12 +26,12 @@ DURATION = r'\d+ s|\d+ min \d\d s|\d+ h \d\d min'
                                            (185, '3 min 05 s'), (3599, '59 min 59 s'),
                                            (2 * 3600 + 7 * 60, '2 h 07 min'), (2 * 3600 + 7 * 60 + 59, '2 h 07 min')])
 def test_duration_reads_like_a_person_would_say_it(seconds, text):
-    assert util.duration(seconds) == text
+    assert progress.duration(seconds) == text
 
 
 def test_log_progress_with_interval_0_logs_every_update_and_a_final_line():
     lines = []
-    bar = util.LogProgress(total=4, desc='work', unit='img', log=lines.append, interval=0)
+    bar = progress.LogProgress(total=4, desc='work', unit='img', log=lines.append, interval=0)
     for k in range(4):
         bar.set_postfix(loss=f'{0.5 / (k + 1):.3f}')
         bar.update(1)
@@ -46,7 +47,7 @@ def test_log_progress_with_interval_0_logs_every_update_and_a_final_line():
 
 def test_log_progress_time_left_is_the_remaining_work_at_the_current_rate():
     lines = []
-    bar = util.LogProgress(total=1000, desc='similarity', unit='pair', unit_scale=True, log=lines.append,
+    bar = progress.LogProgress(total=1000, desc='similarity', unit='pair', unit_scale=True, log=lines.append,
                            interval=30)
     bar.update(100)  # well within 30 s: nothing yet
     assert lines == []
@@ -63,18 +64,18 @@ def test_log_progress_time_left_is_the_remaining_work_at_the_current_rate():
 
 def test_log_progress_with_a_long_interval_prints_nothing_for_a_short_loop(capsys):
     lines = []
-    with util.LogProgress(total=5, desc='quick', log=lines.append, interval=3600) as bar:
+    with progress.LogProgress(total=5, desc='quick', log=lines.append, interval=3600) as bar:
         for _ in range(5):
             bar.update(1)
     assert lines == [] and bar.n == 5
-    for _ in util.LogProgress(range(5), desc='quick', interval=3600):  # the default log: stderr
+    for _ in progress.LogProgress(range(5), desc='quick', interval=3600):  # the default log: stderr
         pass
     assert capsys.readouterr() == ('', '')
 
 
 def test_log_progress_iterating_a_list_counts_its_length():
     lines, items = [], ['a', 'b', 'c']
-    bar = util.LogProgress(items, desc='items', unit='cap', log=lines.append, interval=0)
+    bar = progress.LogProgress(items, desc='items', unit='cap', log=lines.append, interval=0)
     assert bar.total == 3
     assert list(bar) == items  # yields every item, then closes
     assert [line.split(',')[0] for line in lines] == ['items: 1/3 cap (33%)', 'items: 2/3 cap (67%)',
@@ -84,7 +85,7 @@ def test_log_progress_iterating_a_list_counts_its_length():
 
 def test_log_progress_without_a_total_counts_only():
     lines = []
-    bar = util.LogProgress((k for k in range(3)), desc='stream', unit='batch', log=lines.append, interval=0)
+    bar = progress.LogProgress((k for k in range(3)), desc='stream', unit='batch', log=lines.append, interval=0)
     assert bar.total is None and sum(bar) == 3
     assert re.fullmatch(rf'stream: 1 batch, {RATE} batch/s', lines[0]), lines[0]
     assert re.fullmatch(rf'stream: 3 batch, {RATE} batch/s, done in {DURATION}', lines[-1]), lines[-1]
@@ -93,14 +94,14 @@ def test_log_progress_without_a_total_counts_only():
 def test_log_progress_interval_comes_from_casc_progress_seconds(monkeypatch, capsys):
     monkeypatch.setenv('CASC_PROGRESS_SECONDS', '0')
     bar = util.progress(range(2), desc='env', unit='it')  # stderr is not a terminal under pytest
-    assert isinstance(bar, util.LogProgress) and bar.interval == 0
+    assert isinstance(bar, progress.LogProgress) and bar.interval == 0
     assert list(bar) == [0, 1]
     err = capsys.readouterr().err.splitlines()
     assert [line.split(',')[0] for line in err] == ['env: 1/2 it (50%)', 'env: 2/2 it (100%)', 'env: 2/2 it (100%)']
     monkeypatch.setenv('CASC_PROGRESS_SECONDS', '7.5')
-    assert util.LogProgress(range(2)).interval == 7.5
+    assert progress.LogProgress(range(2)).interval == 7.5
     monkeypatch.delenv('CASC_PROGRESS_SECONDS')
-    assert util.LogProgress(range(2)).interval == 30.0
+    assert progress.LogProgress(range(2)).interval == 30.0
 
 
 def test_progress_disabled_prints_nothing_but_still_counts(monkeypatch, capsys):
