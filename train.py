@@ -12,7 +12,6 @@ checkpoints or logs there unless --resume (continue it) or --overwrite (replace 
 """
 import argparse
 import contextlib
-import glob
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ import data
 import evaluation
 import labels as labels_lib
 import parallel
+import runs
 from model import CASC, PRECISIONS, Config
 from vocab import deserialize_vocab, vocab_file
 
@@ -202,42 +202,6 @@ def close_logging(message=None):
         log.removeHandler(handler)
 
 
-def earlier_run(args) -> tuple:
-    """(checkpoint files, log files) that an earlier run left in --model_name / --logger_name."""
-    ckpts = sorted(glob.glob(os.path.join(glob.escape(args.model_name), 'checkpoint_*.pth.tar')), key=_epoch_of)
-    ckpts += glob.glob(os.path.join(glob.escape(args.model_name), 'model_best.pth.tar'))
-    logs = glob.glob(os.path.join(glob.escape(args.logger_name), 'train.log'))
-    logs += glob.glob(os.path.join(glob.escape(args.logger_name), 'events.out.tfevents.*'))
-    return ckpts, logs
-
-
-def _epoch_of(path: str) -> int:
-    stem = os.path.basename(path)[len('checkpoint_'):-len('.pth.tar')]
-    return int(stem) if stem.isdigit() else -1
-
-
-def check_earlier_run(args, start_epoch: int) -> list:
-    """Never replace an earlier run's checkpoints or logs behind the user's back: a fresh run into
-    folders that hold them is refused, and so is a resumed run that would replace checkpoints of
-    later epochs, unless --overwrite. -> the files --overwrite will remove."""
-    ckpts, logs = earlier_run(args)
-    names = lambda paths: ', '.join(os.path.basename(p) for p in paths[:4]) + (', ...' if len(paths) > 4 else '')  # noqa
-    if args.resume:
-        later = [p for p in ckpts if _epoch_of(p) >= start_epoch]
-        if later and not args.overwrite:
-            raise ValueError(f'--model_name {args.model_name} holds checkpoints of epochs the resumed run would '
-                             f'write again ({names(later)}): pass --overwrite to replace them, or resume into '
-                             f'another --model_name')
-        return later
-    if (ckpts or logs) and not args.overwrite:
-        last = [p for p in ckpts if _epoch_of(p) >= 0][-1:]
-        hint = f'--resume {last[0]} to continue it, ' if last else ''
-        raise ValueError(f'an earlier run left {names(ckpts + logs)} in {args.model_name}'
-                         f'{"" if args.logger_name == args.model_name else " / " + args.logger_name}: pass '
-                         f'{hint}--overwrite to replace it, or choose another --model_name and --logger_name')
-    return ckpts + logs
-
-
 def run(args, saved: list):
     """Check everything that can be checked cheaply, hold the output folders, then train.
     `saved` receives the path of every checkpoint this run writes, before writing it (for the
@@ -255,25 +219,14 @@ def run(args, saved: list):
                                 label_words)
     data.check_img_dim(args.data_path, args.data_name, ('train', 'dev'), args.img_dim)
     with contextlib.ExitStack() as held:
-        stale = []
-        if main:  # only rank 0 holds the folders and writes to them
-            for folder, flag in ((args.model_name, '--model_name'), (args.logger_name, '--logger_name')):
-                if flag == '--model_name' or os.path.realpath(folder) != os.path.realpath(args.model_name):
-                    held.enter_context(util.FolderLock(folder, flag))
-            stale = check_earlier_run(args, ckpt['epoch'] if ckpt else 0)
+        stale = runs.hold(held, args, ckpt['epoch'] if ckpt else 0) if main else []  # rank 0 writes there
         train_loader, val_set = data.get_loaders(args.data_path, args.data_name, vocab, args.batch_size,
                                                     args.workers, label_words or None, device.type == 'cuda',
                                                     args.seed)
         if not main:
             return fit(args, cfg, vocab, label_words, pos_weight, ckpt, device, train_loader, val_set,
                        _NoWriter(), saved)
-        for path in stale:  # only now: a run that fails to start leaves the earlier one as it was
-            os.remove(path)
-        # A run killed while writing a checkpoint (SIGKILL, power loss) leaves its temporary file;
-        # the folder is held, so no live run is writing these: they are half-written leftovers.
-        leftovers = glob.glob(os.path.join(glob.escape(args.model_name), '*.pth.tar.tmp*'))
-        for path in leftovers:
-            os.remove(path)
+        leftovers = runs.clear(args, stale)  # only now: a run that fails to start leaves the earlier one as it was
         setup_logging(args.logger_name)
         if stale:
             log.info('--overwrite: removed %s', ', '.join(stale))
