@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from image_names import read_image_names
 from featstore import boxes_for
+from image_names import read_image_names
 from imagefiles import load_rgb
 
 THUMB = 256  # px: the longer side of a thumbnail

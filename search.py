@@ -32,17 +32,16 @@ import index
 import report
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset
-from image_names import check_image_names, read_image_names
 from encode import encode_captions, encode_images, encode_pair
 from evaluation import add_scoring_flags, check_memory_budget, check_model_fits
 from explain import pair_attention, pair_labels
+from image_names import check_image_names, read_image_names
 from model import PRECISIONS, Side
 from scoring import top_captions, top_images
 from vocab import encode, query_tokens
 
-# Text queries are encoded and scored in batches of this many, sorted by length: queries come in any
-# lengths, and small batches pad less (100 queries of Flickr30K's caption lengths over 1,000 images on
-# the 2-core dev VM: 14k pairs/s in batches of 128, 21k in batches of 16).
+# Text queries are encoded and scored in batches of this many, sorted by length: small batches pad less (100 queries
+# of Flickr30K's caption lengths, 1,000 images, the 2-core dev VM: 14k pairs/s in batches of 128, 21k in batches of 16).
 QUERY_BATCH = 16
 
 
@@ -78,7 +77,7 @@ class Searcher:
         self.vocab, self.labels = model_vocab(loaded, model_path, vocab_path, data_name), loaded.labels
         check_model_fits(self.model, model_path, alpha, data_path, data_name, split)
         self.dataset = PrecompDataset(data_path, data_name, split, self.vocab)
-        self.names_path = report.names_path(self.dataset)  # read here once, checked as image_names.read_image_names
+        self.names_path = report.names_path(self.dataset)  # read once, checked as image_names.read_image_names
         self.names = (read_image_names(self.names_path, self.dataset.n_images)
                       if os.path.isfile(self.names_path) else None)
         self.score_args = dict(alpha=alpha, precision=precision, memory_gb=eval_memory_gb, progress=True,
@@ -97,8 +96,7 @@ class Searcher:
 
     @_in_precision
     def gallery_captions(self) -> list:
-        """The split's captions, encoded on the first call (or mapped from the index, built once):
-        [(caption indices, Side)]."""
+        """The split's captions [(caption indices, Side)], encoded at first use (or mapped from the index)."""
         if self._caps is None:
             self._caps = (self.gallery.captions() if self.gallery else
                           encode_captions(self.model, self.dataset.captions, device=self.device, progress=True))
@@ -233,12 +231,13 @@ class Searcher:
 
 
 def _short(text: str, n: int = 60) -> str:
-    return repr(text if len(text) <= n else text[:n - 3] + '...')
+    return repr(text if len(text) <= n else text[:n - 3] + '...')  # a query quoted in a message
 
 
 def _ranked(values, indices, more) -> list:
-    """One query's top k, scores and gallery indices (k,) -> [{'rank' (from 1), 'index', 'score', **more(index)}]."""
-    return [{'rank': r, 'index': i, 'score': s, **more(i)} for r, (s, i) in enumerate(zip(values.tolist(), indices.tolist()), 1)]
+    """One query's top k, scores and gallery indices (k,) -> [{'rank' (from 1), 'index', 'score', **more(i)}]."""
+    pairs = zip(values.tolist(), indices.tolist())
+    return [{'rank': r, 'index': i, 'score': s, **more(i)} for r, (s, i) in enumerate(pairs, 1)]
 
 
 def _check_k(k) -> int:
