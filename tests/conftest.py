@@ -2,6 +2,8 @@
 user's clone the tests that need it skip with a reason. The NLTK data the labels need ship in
 vocab/nltk_data, so no test depends on NLTK_DATA or the network.
 
+- one_line_error, load_checkpoint, toy_world: a CLI's one-line exit, a checkpoint read as it is,
+  toy data with its vocabulary and labels;
 - tiny(): random normalized regions and padded words with a label head, for the engine's unit tests;
 - toy (session): toy data with its vocabulary and 20 labels; toy_model (session): the one toy
   model, trained once per pytest run on it, which the evaluation and training tests share.
@@ -76,6 +78,39 @@ def tiny(seed: int = 0, dtype=torch.float64) -> tuple:
     return img, cap, mask, head
 
 
+# ---------------------------------------------------------------- helpers the test files share
+
+def one_line_error(call, *args) -> str:
+    """call(*args), a CLI's main, must exit with one line 'error: ...' (util.one_line_errors: what
+    sys.exit prints, exit status 1) -> that line."""
+    with pytest.raises(SystemExit) as e:
+        call(*args)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith('error: ') and '\n' not in msg, msg
+    return msg
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint file as it is: on the CPU, tensors and plain containers only."""
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def toy_world(data_path, vocab_path, num_labels: int = 20, sizes=None) -> list:
+    """With sizes (images per split), toy data in data_path/toy_precomp; then vocab.py and labels.py
+    (num_labels) on data_path/toy_precomp into vocab_path, quietly -> the --data_path, --data_name
+    and --vocab_path flags."""
+    import labels
+    import toy as toy_lib
+    import vocab
+    if sizes is not None:
+        toy_lib.make_toy(str(data_path), sizes=sizes)
+    common = ['--data_path', str(data_path), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        vocab.main(common)
+        labels.main(common + ['--num_labels', str(num_labels)])
+    return common
+
+
 # ---------------------------------------------------------------- the toy world and the toy model
 
 TOY_SIZES = {'train': 400, 'dev': 60, 'test': 40, 'testall': 50}  # images per split, 5 captions each
@@ -88,16 +123,9 @@ SMALL = ['--img_dim', '64', '--embed_size', '32', '--word_dim', '16', '--num_lab
 def toy(tmp_path_factory):
     """Toy data (TOY_SIZES), its vocabulary and 20 labels -> namespace: root (a folder for runs),
     data, vocab_path, common (the --data_path, --data_name, --vocab_path flags)."""
-    import labels
-    import toy as toy_lib
-    import vocab
     root = tmp_path_factory.mktemp('toy')
     data, vocab_path = root / 'data', root / 'vocab'
-    toy_lib.make_toy(str(data), sizes=TOY_SIZES)
-    common = ['--data_path', str(data), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path)]
-    with contextlib.redirect_stdout(io.StringIO()):
-        vocab.main(common)
-        labels.main(common + ['--num_labels', '20'])
+    common = toy_world(data, vocab_path, sizes=TOY_SIZES)
     return SimpleNamespace(root=root, data=str(data), vocab_path=str(vocab_path), common=common)
 
 
@@ -125,13 +153,9 @@ def train_tiny(data_path, vocab_path, out, num_labels: int = 10) -> str:
     """vocab.py, labels.py and one epoch of a tiny train.py on the toy_precomp folder under
     data_path (64-dim features), quietly -> the checkpoint's path (out/checkpoint_0.pth.tar).
     (For test_search.py and test_cli_safety.py, whose toy splits differ from TOY_SIZES.)"""
-    import labels
     import train
-    import vocab
-    common = ['--data_path', str(data_path), '--data_name', 'toy_precomp', '--vocab_path', str(vocab_path)]
+    common = toy_world(data_path, vocab_path, num_labels)
     with contextlib.redirect_stdout(io.StringIO()):
-        vocab.main(common)
-        labels.main(common + ['--num_labels', str(num_labels)])
         train.main(common + ['--num_epochs', '1', '--img_dim', '64', '--embed_size', '16', '--word_dim', '8',
                              '--num_labels', str(num_labels), '--label_hidden', '8', '--batch_size', '100',
                              '--workers', '0', '--val_step', '100000', '--log_step', '1000',

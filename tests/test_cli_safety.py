@@ -24,7 +24,7 @@ import evaluation
 import labels as labels_lib
 import toy
 import vocab as vocab_lib
-from conftest import ROOT, shared_path, train_tiny
+from conftest import ROOT, one_line_error, shared_path, train_tiny
 from test_evaluation import authors_checkpoint
 
 TRAINING_FIXTURES = {'world'}  # fixtures that train a model: their tests are slow (conftest)
@@ -54,10 +54,7 @@ def eval_argv(world, *args, vocab_path=False):
 
 def refusal(world, capsys, *args, **kw) -> str:
     """evaluation.main's one-line error; nothing was scored (no 'similarity:' line)."""
-    with pytest.raises(SystemExit) as exc:
-        evaluation.main(eval_argv(world, *args, **kw))
-    msg = exc.value.code
-    assert isinstance(msg, str) and msg.startswith('error: ') and '\n' not in msg, msg
+    msg = one_line_error(evaluation.main, eval_argv(world, *args, **kw))
     assert 'similarity:' not in capsys.readouterr().out
     return msg
 
@@ -285,11 +282,7 @@ def cli(mod, tmp_path, *extra):
 
 
 def refused(mod, tmp_path, *extra) -> str:
-    with pytest.raises(SystemExit) as exc:
-        cli(mod, tmp_path, *extra)
-    msg = exc.value.code
-    assert isinstance(msg, str) and msg.startswith('error: ') and '\n' not in msg
-    return msg
+    return one_line_error(cli, mod, tmp_path, *extra)
 
 
 def test_vocab_rerun_with_the_same_result_leaves_the_file_as_it_is(tmp_path):
@@ -453,9 +446,9 @@ def test_dataset_and_vocab_cli_surface_the_caption_error(tmp_path, caps, says):
     with pytest.raises(ValueError) as exc:
         data.PrecompDataset(str(tmp_path), 'p', 'train', SMALL_VOCAB)
     assert str(exc.value).startswith(f'{path}: {says}') and '\n' not in str(exc.value)
-    with pytest.raises(SystemExit) as exc:
-        vocab_lib.main(['--data_path', str(tmp_path), '--data_name', 'p', '--vocab_path', str(tmp_path / 'v')])
-    assert exc.value.code.startswith(f'error: {path}: {says}') and '\n' not in exc.value.code
+    msg = one_line_error(vocab_lib.main, ['--data_path', str(tmp_path), '--data_name', 'p', '--vocab_path',
+                                          str(tmp_path / 'v')])
+    assert msg.startswith(f'error: {path}: {says}')
     assert not os.path.exists(tmp_path / 'v' / 'p_vocab.json')
 
 

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import labels
 import parallel
-import toy
-import vocab
-from conftest import ROOT
+from conftest import ROOT, load_checkpoint, toy_world
 
 WORKER = os.path.join(ROOT, 'tests', 'dist_worker.py')
 SIZES = {'train': 101, 'dev': 20, 'test': 20, 'testall': 20}  # 505 pairs: the last batch of 64 has 57
@@ -36,10 +33,6 @@ def python(*args) -> subprocess.CompletedProcess:
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def max_weight_difference(a: dict, b: dict) -> float:
@@ -97,7 +90,7 @@ def test_gradients_of_three_processes_equal_one_process_in_float64(tmp_path):
     sys.path.insert(0, os.path.dirname(WORKER))
     import dist_worker
     check(torchrun(3, WORKER, 'grads', str(tmp_path / 'grads.pt')))
-    got = load(tmp_path / 'grads.pt')
+    got = load_checkpoint(tmp_path / 'grads.pt')
     loss, grads = dist_worker.step(*dist_worker.global_batch())
     assert got['loss'].item() == pytest.approx(loss.item(), rel=1e-13, abs=0)
     assert got['grads'].keys() == grads.keys()
@@ -113,11 +106,7 @@ def runs(tmp_path_factory):
     """A: python train.py, 2 epochs. B: torchrun 2 processes, 1 epoch. C: torchrun 2 processes
     resuming A's first checkpoint to 2 epochs. Same seed and flags, global batch 64."""
     root = tmp_path_factory.mktemp('dist')
-    toy.make_toy(str(root / 'data'), sizes=SIZES)
-    common = ['--data_path', str(root / 'data'), '--data_name', 'toy_precomp', '--vocab_path', str(root / 'vocab')]
-    vocab.main(common)
-    labels.main(common + ['--num_labels', '20'])
-    common += SMALL
+    common = toy_world(root / 'data', root / 'vocab', sizes=SIZES) + SMALL
     out = {name: root / name for name in 'ABC'}
     t0 = time.perf_counter()
     check(python('train.py', *common, '--num_epochs', '2', '--model_name', str(out['A']), '--logger_name', str(out['A'])))
@@ -134,7 +123,7 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_train_the_weights_of_one(runs):
     _, out, _ = runs
-    one, two = load(out['A'] / 'checkpoint_0.pth.tar'), load(out['B'] / 'checkpoint_0.pth.tar')
+    one, two = load_checkpoint(out['A'] / 'checkpoint_0.pth.tar'), load_checkpoint(out['B'] / 'checkpoint_0.pth.tar')
     assert (one['world_size'], two['world_size']) == (1, 2)
     assert one['Eiters'] == two['Eiters'] == 8  # 505 pairs in global batches of 64
     assert max_weight_difference(one['model'], two['model']) < 1e-5
@@ -147,7 +136,8 @@ def test_two_processes_train_the_weights_of_one(runs):
 @pytest.mark.slow
 def test_resuming_under_torchrun_continues_the_single_process_run(runs):
     _, out, _ = runs
-    one, resumed = load(out['A'] / 'checkpoint_1.pth.tar'), load(out['C'] / 'checkpoint_1.pth.tar')
+    one = load_checkpoint(out['A'] / 'checkpoint_1.pth.tar')
+    resumed = load_checkpoint(out['C'] / 'checkpoint_1.pth.tar')
     assert resumed['world_size'] == 2 and resumed['Eiters'] == one['Eiters'] == 16
     assert max_weight_difference(one['model'], resumed['model']) < 1e-5
 
@@ -244,7 +234,7 @@ def test_three_processes_score_a_third_of_the_pairs_each_whatever_the_budget(tmp
     import evaluation
     budgets = ['64', '1e-9']  # one chunk per batch (before MIN_ITEMS); one image per chunk
     check(torchrun(3, WORKER, 'pairs', str(tmp_path / 'pairs.pt'), *budgets))
-    got = load(tmp_path / 'pairs.pt')
+    got = load_checkpoint(tmp_path / 'pairs.pt')
     model, img, caps = dist_worker.scoring_inputs()
     total = 23 * 29
     for budget, sims, per_rank in zip(budgets, got['sims'], got['pairs']):

@@ -13,7 +13,7 @@ import pytest
 
 import data
 import karpathy
-from conftest import ROOT
+from conftest import ROOT, one_line_error
 from vocab import MAX_CAPTION_CHARS, build_vocab
 
 DATA_PY = os.path.join(ROOT, 'data.py')
@@ -173,10 +173,9 @@ def test_bad_image_entries_are_refused_in_one_line_naming_them_writing_nothing(t
     top = flickr()
     BAD[case][0](top)
     path = write(tmp_path, top)
-    with pytest.raises(SystemExit) as e:
-        data.main(['--from_karpathy', path, '--data_path', str(tmp_path / 'out'), '--data_name', 'f30k'])
-    message = str(e.value)
-    assert message.startswith(f'error: {path}: ') and '\n' not in message
+    message = one_line_error(data.main, ['--from_karpathy', path, '--data_path', str(tmp_path / 'out'),
+                                         '--data_name', 'f30k'])
+    assert message.startswith(f'error: {path}: ')
     assert all(part in message for part in BAD[case][1]), message
     assert not (tmp_path / 'out').exists()
 
@@ -187,9 +186,9 @@ def test_bad_image_entries_are_refused_in_one_line_naming_them_writing_nothing(t
     (b'{"images": {}}', "no 'images' list"), (b'{"images": []}', "'images' list is empty")])
 def test_a_file_that_is_not_a_split_file_is_one_line_naming_it(tmp_path, capsys, content, says):
     path = write(tmp_path, content)
-    with pytest.raises(SystemExit) as e:
-        data.main(['--from_karpathy', path, '--data_path', str(tmp_path / 'out'), '--data_name', 'f30k'])
-    assert str(e.value).startswith(f'error: {path}: ') and says in str(e.value) and '\n' not in str(e.value)
+    message = one_line_error(data.main, ['--from_karpathy', path, '--data_path', str(tmp_path / 'out'),
+                                         '--data_name', 'f30k'])
+    assert message.startswith(f'error: {path}: ') and says in message
     assert not (tmp_path / 'out').exists()
 
 

@@ -12,7 +12,7 @@ import checkpoint
 import labels
 import train
 import vocab
-from conftest import ROOT, SMALL, TOY_MODEL_BATCH, train_argv
+from conftest import ROOT, SMALL, TOY_MODEL_BATCH, load_checkpoint, one_line_error, train_argv
 
 TRAINING_FIXTURES = {'first'}  # fixtures that train a model: their tests are slow (conftest)
 
@@ -21,10 +21,6 @@ def run_train(toy, name, *extra):
     """train.main on the toy data (conftest) with the SMALL model, into toy.root/name -> (that folder, state)."""
     out = toy.root / name
     return out, train.main(train_argv(toy, out, *extra))
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +36,7 @@ def test_training_on_toy_data_learns(toy):
                            '--val_step', '1000')
     # chance on 60 dev images: R@1 1.7%, R@5 8%, R@10 17% both ways: rsum ~53
     assert state['best_rsum'] > 250, state
-    best = load(out / 'model_best.pth.tar')
+    best = load_checkpoint(out / 'model_best.pth.tar')
     assert best['best_rsum'] == state['best_rsum']
 
 
@@ -48,7 +44,7 @@ def test_training_on_toy_data_learns(toy):
 def test_checkpoint_holds_everything_and_loads_in_a_fresh_process(toy, first):
     out = first
     path = out / 'checkpoint_0.pth.tar'
-    ckpt = load(path)
+    ckpt = load_checkpoint(path)
     assert set(ckpt) >= {'model', 'optimizers', 'epoch', 'Eiters', 'best_rsum', 'opt', 'vocab_size', 'labels'}
     assert ckpt['epoch'] == 1 and ckpt['Eiters'] == 20  # 400 images x 5 captions / batch 100
     assert len(ckpt['optimizers']) == 2 and all(o['state'] for o in ckpt['optimizers'])
@@ -69,7 +65,7 @@ def test_resume_is_exact(toy, first):
     straight, _ = run_train(toy, 'straight', '--num_epochs', '2', '--val_step', '7')
     resumed, state = run_train(toy, 'resumed', '--num_epochs', '2', '--val_step', '7',
                                '--resume', str(first / 'checkpoint_0.pth.tar'))
-    a, b = load(straight / 'checkpoint_1.pth.tar'), load(resumed / 'checkpoint_1.pth.tar')
+    a, b = load_checkpoint(straight / 'checkpoint_1.pth.tar'), load_checkpoint(resumed / 'checkpoint_1.pth.tar')
     assert a['Eiters'] == b['Eiters'] == 40 and a['epoch'] == b['epoch'] == 2
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k
@@ -96,7 +92,7 @@ def test_tensorboard_and_text_logs_are_written(first):
 def test_flags_reach_the_model(toy):
     out, _ = run_train(toy, 'flags', '--num_epochs', '1', '--no-bi_gru', '--no-max_violation', '--cross_attn', 't2i',
                        '--raw_feature_norm', 'softmax', '--precomp_enc_type', 'weight_norm', '--val_step', '1000')
-    ckpt = load(out / 'checkpoint_0.pth.tar')
+    ckpt = load_checkpoint(out / 'checkpoint_0.pth.tar')
     assert ckpt['opt']['bi_gru'] is False and ckpt['opt']['max_violation'] is False
     assert not any('reverse' in k for k in ckpt['model'])
     assert any('parametrizations' in k for k in ckpt['model'])
@@ -129,11 +125,7 @@ def test_missing_vocab_or_labels_give_one_line_errors(toy, tmp_path):
             '--model_name', str(tmp_path / 'm')] + SMALL
 
     def one_line(*argv) -> str:
-        with pytest.raises(SystemExit) as e:
-            train.main(base + list(argv))
-        msg = e.value.code
-        assert isinstance(msg, str) and msg.startswith('error: ') and '\n' not in msg, msg
-        return msg
+        return one_line_error(train.main, base + list(argv))
 
     assert 'toy_precomp_vocab.json' in one_line('--vocab_path', str(tmp_path / 'nowhere'))
     os.makedirs(tmp_path / 'v')

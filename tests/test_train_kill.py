@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, train_argv
+from conftest import ROOT, load_checkpoint, train_argv
 
 EPOCHS = ['--num_epochs', '3', '--val_step', '1000']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny model: one thread is faster on a shared CPU
@@ -19,10 +19,6 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny model: one thread is faster
 
 def argv(toy, out, *extra):
     return [sys.executable, os.path.join(ROOT, 'train.py'), *train_argv(toy, out, *EPOCHS, *extra)]
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 @pytest.mark.slow
@@ -41,7 +37,7 @@ def test_sigkill_loses_nothing_and_the_resumed_run_is_bit_identical(toy, tmp_pat
     ckpts = sorted(glob.glob(str(killed / 'checkpoint_*.pth.tar')))
     assert ckpts and not (killed / 'checkpoint_2.pth.tar').exists()  # killed mid-run
     for path in ckpts + [str(killed / 'model_best.pth.tar')]:
-        assert set(load(path)) >= {'model', 'optimizers', 'epoch', 'vocab'}  # every file on disk is whole
+        assert set(load_checkpoint(path)) >= {'model', 'optimizers', 'epoch', 'vocab'}  # every file on disk is whole
     # A kill in the middle of a checkpoint write leaves its temporary file: the next run removes it.
     leftover = killed / f'checkpoint_1.pth.tar.tmp{proc.pid}'
     leftover.write_bytes(b'half a checkpoint')
@@ -49,7 +45,7 @@ def test_sigkill_loses_nothing_and_the_resumed_run_is_bit_identical(toy, tmp_pat
     subprocess.run(argv(toy, killed, '--resume', ckpts[-1]), check=True, capture_output=True, env=ENV)
     assert not leftover.exists() and not glob.glob(str(killed / '*.tmp*'))
     assert f'removed the half-written temporary files of a killed run: {leftover}' in (killed / 'log' / 'train.log').read_text()
-    a, b = load(straight / 'checkpoint_2.pth.tar'), load(killed / 'checkpoint_2.pth.tar')
+    a, b = load_checkpoint(straight / 'checkpoint_2.pth.tar'), load_checkpoint(killed / 'checkpoint_2.pth.tar')
     assert a['Eiters'] == b['Eiters'] == 60 and a['best_rsum'] == b['best_rsum']
     for k in a['model']:
         assert torch.equal(a['model'][k], b['model'][k]), k

@@ -18,13 +18,11 @@ import warnings
 import pytest
 import torch
 
-import labels
 import train
 import util
 import vocab
-from conftest import ROOT
+from conftest import ROOT, load_checkpoint, one_line_error, toy_world
 from test_util import full_disk  # noqa: F401  (a fixture: a real 64 KB file system)
-from toy import make_toy
 
 TRAINING_FIXTURES = {'earlier'}  # fixtures that train a model: their tests are slow (conftest)
 
@@ -59,10 +57,7 @@ def toy(tmp_path_factory):
     """Toy data, its vocabulary and labels, and two copies whose train_caps.txt line 7 is broken."""
     root = tmp_path_factory.mktemp('safety')
     t = Toy(root)
-    make_toy(str(t.data), sizes=SIZES)
-    common = ['--data_path', str(t.data), '--data_name', 'toy_precomp', '--vocab_path', str(t.vocab_path)]
-    vocab.main(common)
-    labels.main(common + ['--num_labels', '20'])
+    toy_world(t.data, t.vocab_path, sizes=SIZES)
     for kind, line in (('utf8', b'\xff\xfe bad\n'), ('long', b'a' * 100_000 + b'\n')):
         t.bad[kind] = root / f'bad_{kind}'
         shutil.copytree(t.data, t.bad[kind])
@@ -88,11 +83,7 @@ def copy_run(src, dst):
 
 def refused(argv) -> str:
     """train.main(argv) must stop with one line: -> that line."""
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith('error: ') and '\n' not in msg, msg
-    return msg
+    return one_line_error(train.main, argv)
 
 
 def snapshot(folder) -> dict:
@@ -108,10 +99,6 @@ def snapshot(folder) -> dict:
 
 def all_files(folder) -> list:
     return sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names)
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def checkpoints(folder) -> list:
@@ -163,7 +150,7 @@ def test_a_held_model_folder_is_refused_naming_the_holder_and_freed_when_it_is_k
     assert os.listdir(out) == ['.lock'] and (out / '.lock').read_text() == lock_text  # nothing written there
     holder.kill()
     state = train.main(argv)  # the OS released the dead holder's lock
-    assert state['epoch'] == 0 and load(out / 'checkpoint_0.pth.tar')['epoch'] == 1
+    assert state['epoch'] == 0 and load_checkpoint(out / 'checkpoint_0.pth.tar')['epoch'] == 1
     assert 'epoch 0 done' in (out / 'train.log').read_text()
 
 
@@ -217,8 +204,8 @@ def test_a_second_train_process_on_the_same_folder_is_refused_at_once(toy, tmp_p
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 0, first_err
-    assert [load(p)['epoch'] for p in checkpoints(out)] == [1, 2]
-    assert load(out / 'model_best.pth.tar')['Eiters'] in (4, 8)
+    assert [load_checkpoint(p)['epoch'] for p in checkpoints(out)] == [1, 2]
+    assert load_checkpoint(out / 'model_best.pth.tar')['Eiters'] in (4, 8)
     assert 'epoch 1 done' in (out / 'train.log').read_text()
 
 
@@ -261,7 +248,7 @@ def test_overwrite_replaces_an_earlier_run_only_once_the_data_loaded(toy, earlie
     old = before[os.path.join('log', 'train.log')].decode().splitlines()
     assert not set(old) & set(log) and 'epoch 1 done' not in '\n'.join(log)
     assert '--overwrite: removed ' in log[0] and 'epoch 0 done' in log[-1]
-    assert load(run / 'checkpoint_0.pth.tar')['opt']['num_epochs'] == 1
+    assert load_checkpoint(run / 'checkpoint_0.pth.tar')['opt']['num_epochs'] == 1
 
 
 @pytest.mark.slow
@@ -291,7 +278,7 @@ def test_a_run_that_died_before_its_first_checkpoint_needs_overwrite(toy, tmp_pa
     assert snapshot(run) == before
     train.main(toy.argv(run, '--num_epochs', 1, '--overwrite'))
     assert 'non-finite' not in (run / 'log' / 'train.log').read_text()
-    assert load(run / 'checkpoint_0.pth.tar')['epoch'] == 1
+    assert load_checkpoint(run / 'checkpoint_0.pth.tar')['epoch'] == 1
 
 
 @pytest.mark.slow
@@ -307,12 +294,12 @@ def test_resume_that_would_write_later_checkpoints_again_is_refused_unless_overw
     state = train.main(argv + ['--overwrite'])
     assert state['epoch'] == 1 and state['Eiters'] == 8
     assert (run / 'checkpoint_0.pth.tar').read_bytes() == before['checkpoint_0.pth.tar']
-    again = load(run / 'checkpoint_1.pth.tar')
+    again = load_checkpoint(run / 'checkpoint_1.pth.tar')
     assert again['epoch'] == 2 and again['opt']['resume'] == str(first)
     assert f'--overwrite: removed {run / "checkpoint_1.pth.tar"}' in (run / 'log' / 'train.log').read_text()
     # resuming from the last checkpoint in place overwrites nothing: no --overwrite needed
     state = train.main(toy.argv(run, '--num_epochs', 3, '--resume', run / 'checkpoint_1.pth.tar'))
-    assert state['epoch'] == 2 and load(run / 'checkpoint_2.pth.tar')['Eiters'] == 12
+    assert state['epoch'] == 2 and load_checkpoint(run / 'checkpoint_2.pth.tar')['Eiters'] == 12
     assert (run / 'checkpoint_0.pth.tar').read_bytes() == before['checkpoint_0.pth.tar']
 
 
@@ -380,7 +367,7 @@ def test_a_resume_file_whose_loading_would_run_code_is_refused_and_never_run(toy
 
 
 def test_the_authors_checkpoint_format_is_not_resumable(toy, earlier, tmp_path):
-    ckpt = load(earlier / 'checkpoint_0.pth.tar')
+    ckpt = load_checkpoint(earlier / 'checkpoint_0.pth.tar')
     parts = [{k[len(p):]: v for k, v in ckpt['model'].items() if k.startswith(p)}
              for p in ('img_enc.', 'txt_enc.', 'head.')]  # the release's [img_enc, txt_enc, head] state dicts
     assert sum(map(len, parts)) == len(ckpt['model'])
@@ -435,7 +422,7 @@ def test_checkpoints_store_the_vocabulary_words_in_id_order(toy, earlier):
     paths = checkpoints(earlier) + [str(earlier / 'model_best.pth.tar')]
     assert len(paths) == 3
     for path in paths:
-        ckpt = load(path)
+        ckpt = load_checkpoint(path)
         assert ckpt['vocab'] == words and ckpt['vocab_size'] == len(words), path
 
 
@@ -542,8 +529,9 @@ def test_ctrl_c_names_the_last_checkpoint_and_leaves_every_checkpoint_loadable(t
     expected = f'interrupted: the last checkpoint is {last}; continue with --resume {last}'
     assert err.strip().splitlines()[-1] == expected
     assert (out / 'train.log').read_text().rstrip('\n').endswith(' ' + expected)
-    assert [load(p)['epoch'] for p in checkpoints(out)] == list(range(1, len(checkpoints(out)) + 1))
-    assert load(out / 'model_best.pth.tar')['best_rsum'] == load(last)['best_rsum']  # written with it, not lost
+    assert [load_checkpoint(p)['epoch'] for p in checkpoints(out)] == list(range(1, len(checkpoints(out)) + 1))
+    best = load_checkpoint(out / 'model_best.pth.tar')
+    assert best['best_rsum'] == load_checkpoint(last)['best_rsum']  # written with it, not lost
     assert not [f for f in os.listdir(out) if '.tmp' in f]
     with util.FolderLock(str(out), '--model_name'):  # and the folder is free again
         pass
