@@ -3,7 +3,7 @@ naming the flag or file (evaluation.py --fold5, --eval_memory_gb, output paths, 
 feature widths, --device); progress lines off a terminal; vocab.py and labels.py never replace a
 different file without --overwrite; vocabularies and caption files checked; every script's
 --help states each default once; the shipped NLTK data is used. Real files, real processes, real
-checkpoints trained on toy data (one small world for the module)."""
+checkpoints: conftest's toy model, scored on toy data of this module's sizes."""
 import ast
 import contextlib
 import io
@@ -22,9 +22,8 @@ import torch
 import data
 import evaluation
 import labels as labels_lib
-import toy
 import vocab as vocab_lib
-from conftest import ROOT, one_line_error, shared_path, train_tiny
+from conftest import ROOT, one_line_error, shared_path
 from test_evaluation import authors_checkpoint
 
 TRAINING_FIXTURES = {'world'}  # fixtures that train a model: their tests are slow (conftest)
@@ -35,15 +34,14 @@ SIZES = {'train': 40, 'dev': 20, 'test': 20, 'odd': 23, 'four': 4}  # odd, four:
 # ---------------------------------------------------------------- the toy world
 
 @pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    """Toy data, its vocabulary and 10 labels, one checkpoint trained 1 epoch (a few steps)."""
+def world(tmp_path_factory, toy, toy_model):
+    """conftest's toy model (its checkpoint, vocabulary and labels) and toy data of SIZES to score."""
+    import toy as toy_lib  # the module; `toy` here is conftest's toy world
     root = tmp_path_factory.mktemp('safety')
-    data_path, vocab_path = root / 'data', root / 'vocab'
-    toy.make_toy(str(data_path), sizes=SIZES)
-    train_tiny(data_path, vocab_path, root / 'A')
-    vocab = vocab_lib.deserialize_vocab(str(vocab_path / 'toy_precomp_vocab.json'))
-    return SimpleNamespace(root=root, data=str(data_path), vocab_path=str(vocab_path), vocab=vocab,
-                           ckpt=str(root / 'A' / 'checkpoint_0.pth.tar'))
+    toy_lib.make_toy(str(root / 'data'), sizes=SIZES)
+    vocab = vocab_lib.deserialize_vocab(os.path.join(toy.vocab_path, 'toy_precomp_vocab.json'))
+    return SimpleNamespace(root=root, data=str(root / 'data'), vocab_path=toy.vocab_path, vocab=vocab,
+                           ckpt=str(toy_model / 'checkpoint_0.pth.tar'))
 
 
 def eval_argv(world, *args, vocab_path=False):
