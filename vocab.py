@@ -1,4 +1,5 @@
-"""SCAN-compatible vocabulary and the project's one tokenizer.
+"""SCAN-compatible vocabulary (and the file --vocab_path names), caption files, and the project's one
+tokenizer.
 
     python vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab] [--threshold 4]
 
