@@ -4,12 +4,14 @@ lower index), the top k streamed over chunks equal to a full sort for any chunk 
 planner (scoring.plan_chunks) giving compute_sims the chunks it scored before, refusals with one
 line, the --json schema and the tables, the Searcher API; the HTML page of --out: Searcher.attention
 equal to the authors' loop, the heat maps drawn from it on the grid or the split's boxes, the labels
-of the pair, thumbnails with --image_dir, hostile data as text only. One checkpoint trained on toy data."""
+of the pair, thumbnails with --image_dir, hostile data as text only. conftest's toy model, on toy
+splits of this module's sizes."""
 import contextlib
 import dataclasses
 import io
 import json
 import os
+import pathlib
 import re
 import shutil
 from types import SimpleNamespace
@@ -26,10 +28,9 @@ import reference as ref
 import report
 import scoring
 import search
-import toy
+import toy as toy_lib
 import util
 import vocab as vocab_lib
-from conftest import train_tiny
 from model import Config
 from test_cli_safety import help_entries
 from test_report import HOSTILE, check_page, pictures_in, write_image
@@ -44,14 +45,14 @@ DUP, OF = 7, 3  # in the 'dup' split, image 7 and its captions are copies of ima
 # ---------------------------------------------------------------- the toy world
 
 @pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    """Toy data, its vocabulary and 10 labels, one checkpoint (1 epoch); the test split (no image
-    names), and 'dup': the test split with image 7 and its 5 captions replaced by copies of image 3
+def world(tmp_path_factory, toy, toy_model):
+    """conftest's toy model (a copy of its checkpoint: search.py writes its index beside it), with its
+    vocabulary and 20 labels, on toy data of SIZES: the test split (no image names), and 'dup': the test split with image 7 and its 5 captions replaced by copies of image 3
     and its captions, with image names (1000.jpg .. 1029.jpg: a names file never repeats one). Also
     evaluation.py --save_sims on both splits: the scores search must reproduce."""
     root = tmp_path_factory.mktemp('search')
-    data_path, vocab_path = root / 'data', root / 'vocab'
-    folder = toy.make_toy(str(data_path), sizes=SIZES)
+    data_path = root / 'data'
+    folder = toy_lib.make_toy(str(data_path), sizes=SIZES)
     ims = np.load(os.path.join(folder, 'test_ims.npy'))
     caps = open(os.path.join(folder, 'test_caps.txt'), encoding='utf-8').read().splitlines()
     ims[DUP], caps[5 * DUP:5 * DUP + 5] = ims[OF], caps[5 * OF:5 * OF + 5]
@@ -60,7 +61,8 @@ def world(tmp_path_factory):
     for kind, lines in (('caps', caps), ('image_names', names)):
         with open(os.path.join(folder, f'dup_{kind}.txt'), 'w', encoding='utf-8') as f:
             f.write('\n'.join(lines) + '\n')
-    ckpt = train_tiny(data_path, vocab_path, root / 'A')
+    os.makedirs(root / 'A')
+    ckpt = str(shutil.copy(toy_model / 'checkpoint_0.pth.tar', root / 'A' / 'checkpoint_0.pth.tar'))
     with contextlib.redirect_stdout(io.StringIO()):
         sims = {}
         for split in ('test', 'dup'):
@@ -70,7 +72,8 @@ def world(tmp_path_factory):
             sims[split] = np.load(path)  # (30, 150) float32
     captions = {s: open(os.path.join(folder, f'{s}_caps.txt'), encoding='utf-8').read().splitlines()
                 for s in ('test', 'dup')}
-    return SimpleNamespace(root=root, data=str(data_path), ckpt=ckpt, sims=sims, captions=captions, names=names)
+    return SimpleNamespace(root=root, data=str(data_path), ckpt=ckpt, sims=sims, captions=captions, names=names,
+                           vocab=pathlib.Path(toy.vocab_path))
 
 
 @pytest.fixture(scope='module')
@@ -252,7 +255,7 @@ def test_the_planner_gives_compute_sims_the_chunks_it_scored_before(searcher):
 
 def test_unknown_words_are_named_on_stderr_and_scored_as_unk(world, capsys):
     known = 'a red dog and a blue cat'
-    assert all(w in vocab_lib.deserialize_vocab(str(world.root / 'vocab' / 'toy_precomp_vocab.json')).word2idx
+    assert all(w in vocab_lib.deserialize_vocab(str(world.vocab / 'toy_precomp_vocab.json')).word2idx
                for w in vocab_lib.tokenize(known))
     results, out, err = run(world, capsys, '--json', '--query', 'a red zebroid and a blue cat',
                             '--query', 'a red quokka and a blue cat', '--query', known)
@@ -515,7 +518,7 @@ def test_text_query_page_shows_top_images_heat_maps_of_each_word_and_labels(worl
     caps = world.captions[split]
     page = check_page(str(out / 'index.html'), queries)
     sections = page.root.all('section', 'text-query')
-    labels = labels_lib.load_labels(str(world.root / 'vocab' / 'toy_precomp_labels.json'))['labels']
+    labels = labels_lib.load_labels(str(world.vocab / 'toy_precomp_labels.json'))['labels']
     expected_pictures = set()
     for q, (section, res) in enumerate(zip(sections, results)):
         assert section.one('q', 'query').text() == res['query']
@@ -607,11 +610,13 @@ def evil(world):
 
 def test_page_shows_hostile_queries_captions_names_and_labels_as_text_only(world, evil, tmp_path):
     api = search.Searcher(world.ckpt, world.data, 'evil', device='cpu')
-    api.labels = [HOSTILE[k % len(HOSTILE)] + f' L{k}' for k in range(10)]
+    api.labels = [HOSTILE[k % len(HOSTILE)] + f' L{k}' for k in range(len(api.labels))]  # the model's K: 20
     query = 'a red dog <img src=x onerror=alert(1)> "><script>alert(1)</script> javascript:alert(1)'
     results = api.text([query], k=N_IMG) + api.image(list(range(5)), k=N_CAP)  # every image and caption shown
     path = api.page(results, str(tmp_path / 'page'), evil.image_dir)
-    page = check_page(path, [query] + evil.caps + evil.names + api.labels)
+    shown = [api.labels[k] for r in results[0]['results'][:3]  # the 10 most probable of each top-3 image
+             for k in api.predicted_labels(query, r['index']).topk(10).indices.tolist()]
+    page = check_page(path, [query] + evil.caps + evil.names + shown)
     raw = open(path, encoding='utf-8').read()
     for bad in ('<script', '<img src=x', "' on"):  # as text, '<' and quotes are references
         assert bad not in raw
