@@ -135,7 +135,7 @@ def row_bytes(side: Side) -> int:
 
 
 def image_side(folder: str, meta: dict, device) -> Side:
-    """The gallery's images as one Side of MappedArrays: search.top_images slices it chunk by chunk."""
+    """The gallery's images as one Side of MappedArrays: scoring.score_chunks slices it chunk by chunk."""
     n, R, d, H = meta['n'], meta['R'], *meta['dims']
     arr = lambda name, *shape: MappedArray(os.path.join(folder, name), 'float32', (n, *shape), 0, device)  # noqa
     return Side(arr('emb', R, d), None, arr('norm', R), arr('gram', R, R), arr('proj', R, H) if H else None)
