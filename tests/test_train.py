@@ -132,7 +132,6 @@ def test_missing_vocab_or_labels_give_one_line_errors(toy, tmp_path):
     vocab.serialize_vocab(vocab.deserialize_vocab(os.path.join(toy.vocab_path, 'toy_precomp_vocab.json')),
                           str(tmp_path / 'v' / 'toy_precomp_vocab.json'))
     assert 'toy_precomp_labels.json' in one_line('--vocab_path', str(tmp_path / 'v'))
-    assert '--num_labels 999' in one_line('--vocab_path', toy.vocab_path, '--num_labels', '999')
 
 
 def test_resume_with_another_vocabulary_or_label_set_is_refused(toy, toy_model, tmp_path):
