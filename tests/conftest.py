@@ -147,17 +147,3 @@ def toy_model(toy):
     out = toy.root / 'model'
     train.main(train_argv(toy, out, '--batch_size', TOY_MODEL_BATCH, '--num_epochs', 1, '--val_step', 1000))
     return out
-
-
-def train_tiny(data_path, vocab_path, out, num_labels: int = 10) -> str:
-    """vocab.py, labels.py and one epoch of a tiny train.py on the toy_precomp folder under
-    data_path (64-dim features), quietly -> the checkpoint's path (out/checkpoint_0.pth.tar).
-    (For test_search.py, whose toy splits differ from TOY_SIZES, until it uses toy_model.)"""
-    import train
-    common = toy_world(data_path, vocab_path, num_labels)
-    with contextlib.redirect_stdout(io.StringIO()):
-        train.main(common + ['--num_epochs', '1', '--img_dim', '64', '--embed_size', '16', '--word_dim', '8',
-                             '--num_labels', str(num_labels), '--label_hidden', '8', '--batch_size', '100',
-                             '--workers', '0', '--val_step', '100000', '--log_step', '1000',
-                             '--logger_name', str(out / 'log'), '--model_name', str(out), '--device', 'cpu'])
-    return str(out / 'checkpoint_0.pth.tar')
