@@ -37,11 +37,8 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from extractor import DIM, NMS_IOU, RECIPE, R, build_detector, build_trunk, extract  # noqa: E402
-from extractor import grid_cells  # noqa: E402,F401  (re-exported: report.py's pages draw the grid)
 from featstore import finish, open_partials, remove_partials, resume_point  # noqa: E402
-from featstore import boxes_for  # noqa: E402,F401  (re-exported: report.read_boxes calls features.boxes_for)
 from imagefiles import LONG_CAP, Images, check_images, collate, read_names  # noqa: E402
-from imagefiles import load_rgb  # noqa: E402,F401  (re-exported: report.py's thumbnails)
 from progress import duration  # noqa: E402
 
 

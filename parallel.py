@@ -14,7 +14,7 @@ is inert (one process, world size 1) and `python train.py` runs exactly as befor
     the gradient), and one flat all_reduce of all gradients divided by N (`average_gradients`,
     not DistributedDataParallel, which is not used) brings it back to the single-process gradient.
   * Scores. Evaluation plans one pass of (caption batch, image chunk) items, the same for any
-    number of processes (evaluation.plan_work), deals them out by pairs, about 1/N of them to each
+    number of processes (scoring.plan_work), deals them out by pairs, about 1/N of them to each
     process (`deal`), and sums the partial matrices on rank 0: every score is computed in the
     chunk one process computes it in, so the matrix is one process's, bit for bit.
 """
