@@ -11,7 +11,8 @@ tensor ever exists:
     ||c_q||^2 = a_q^T G a_q with the context's Gram matrix G (R x R per image, L x L per caption);
   * the label head's first layer is linear, so W1 mean_q(c_q) = (mean_q a_q)^T (X W1^T): each
     region and word goes through W1 once, not every pair's context.
-reference.py holds the authors' loop algorithm that these scores are tested against.
+reference.py holds the authors' loop algorithm that these scores are tested against. For CPU
+inference, fused.py (fused.cpp) computes everything after the product in one pass per pair.
 """
 import math
 from dataclasses import dataclass, fields
