@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-import evaluation
 import fused
 import reference
+import scoring
 import search
 from data import pad_captions
-from model import CASC, PRECISIONS, Config, Side
+from encode import encode_captions, encode_images
+from engine import PRECISIONS, Side
+from model import CASC, Config
 from vocab import read_captions, tokenize
 
 CAPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'shared', 'data', 'f30k_precomp',
@@ -105,9 +107,9 @@ def bench_eval(args, model: CASC, pool: list, device) -> tuple:
     """All n_img x n_cap scores by the engine beside --ref_caps captions of them by the authors' loop
     -> (encoded images, caption batches, the engine's seconds)."""
     gen, lens = torch.Generator().manual_seed(args.seed), [pool[k % len(pool)] for k in range(args.n_cap)]
-    img = evaluation.encode_images(model, images(args.n_img, gen).numpy(), device=device)
-    caps = evaluation.encode_captions(model, random_captions(pool, args.n_cap, gen, lens), device=device)
-    engine = partial(evaluation.compute_sims, model, img, memory_gb=args.eval_memory_gb, precision=args.precision,
+    img = encode_images(model, images(args.n_img, gen).numpy(), device=device)
+    caps = encode_captions(model, random_captions(pool, args.n_cap, gen, lens), device=device)
+    engine = partial(scoring.compute_sims, model, img, memory_gb=args.eval_memory_gb, precision=args.precision,
                      progress=False)
     engine([(torch.arange(len(caps[0][0])), caps[0][1])])  # burn-in on the first caption batch
     before = memory_mb(device, reset=True)
@@ -134,9 +136,9 @@ def bench_eval(args, model: CASC, pool: list, device) -> tuple:
 
 
 def bench_product(args, img: Side, caps: list, t_eval: float, device, cfg: Config):
-    """The region-word product alone at compute_sims's chunk shapes (evaluation.plan_chunks), vs a plain matmul."""
+    """The region-word product alone at compute_sims's chunk shapes (scoring.plan_chunks), vs a plain matmul."""
     chunks = [(i1 - i0, cap) for idx, cap in caps for i0, i1 in
-              evaluation.plan_chunks(args.n_img, len(idx), R, cap.mask.size(1), cfg, device, args.eval_memory_gb)]
+              scoring.plan_chunks(args.n_img, len(idx), R, cap.mask.size(1), cfg, device, args.eval_memory_gb)]
     dtype, d = (torch.bfloat16 if args.precision == 'bf16' else torch.float32), img.emb.size(-1)
 
     def product(n_i: int, cap: Side) -> float:
@@ -161,12 +163,12 @@ def bench_product(args, img: Side, caps: list, t_eval: float, device, cfg: Confi
 def bench_search(args, model: CASC, pool: list, device):
     """Text queries/s of search.top_images (query encoding included, top 10) over --n_img random images."""
     gen = torch.Generator().manual_seed(args.seed)
-    parts = [evaluation.encode_images(model, images(min(1000, args.n_img - i0), gen).numpy(), device=device)
+    parts = [encode_images(model, images(min(1000, args.n_img - i0), gen).numpy(), device=device)
              for i0 in range(0, args.n_img, 1000)]  # 1,000 at a time: 10,000 raw images are 2.9 GB
     img = Side(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
 
     def top10(queries: list):  # as search.Searcher.text does
-        caps = evaluation.encode_captions(model, queries, search.QUERY_BATCH, device)
+        caps = encode_captions(model, queries, search.QUERY_BATCH, device)
         return search.top_images(model, img, caps, 10, precision=args.precision, memory_gb=args.eval_memory_gb)
     for n_q in (1, 100):
         queries = random_captions(pool, n_q, gen)

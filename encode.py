@@ -6,7 +6,8 @@ import torch
 
 import util
 from data import pad_captions
-from model import CASC, Side
+from engine import Side
+from model import CASC
 
 
 @torch.inference_mode()

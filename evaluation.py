@@ -25,8 +25,9 @@ from checkpoint import load_model, model_vocab
 from data import PrecompDataset, check_img_dim
 from encode import encode_captions, encode_images, encode_pair
 from explain import pair_attention, predicted_labels
-from model import CASC, PRECISIONS
-from scoring import check_scores, compute_sims, non_finite, plan_chunks, top_k  # noqa: F401  (plan_chunks: bench.py's)
+from engine import PRECISION_HELP, PRECISIONS
+from model import CASC
+from scoring import check_scores, compute_sims, non_finite, top_k
 
 
 def ranks(sims: Tensor, im_div: int) -> tuple:
@@ -232,7 +233,7 @@ def add_scoring_flags(p):
                                         'stored in the checkpoint; required for the authors\' and SCAN\'s)')
     p.add_argument('--alpha', type=util.nonneg_float, help='local score weight (default: the checkpoint\'s, 0.8)')
     p.add_argument('--device', help='cuda | cuda:N | cpu | mps (default: cuda, else mps, else cpu)')
-    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument('--eval_memory_gb', type=util.positive_float, default=2.0,
                    help='memory budget of one scoring chunk, in GB')
 

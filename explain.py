@@ -6,7 +6,8 @@ pages and the server's) and evaluation.py --examples.
 import torch
 
 from encode import encode_captions, encode_images
-from model import CASC, Side, t2i_attention
+from engine import Side, t2i_attention
+from model import CASC
 
 
 @torch.inference_mode()

@@ -25,7 +25,7 @@ import torch
 
 import util
 from encode import encode_captions, encode_images
-from model import Side
+from engine import Side
 
 FORMAT = 1  # bump when the layout changes: older indexes are then rebuilt
 FIELDS = ('emb', 'norm', 'gram', 'proj')  # Side's tensors, as stored (a caption's mask is rebuilt from lens)

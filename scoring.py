@@ -10,7 +10,8 @@ import index
 import parallel
 import util
 from encode import images_slice
-from model import CASC, Config, Side
+from engine import Side
+from model import CASC, Config
 
 BYTES_PER_CELL = 4 * 12  # float32 (pair, region, word) tensors alive at once in cross_attention
 CACHE_CELLS = 1 << 20  # (pair, region, word) cells per chunk: 4 MB tensors stay in cache, ~1.5x faster

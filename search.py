@@ -36,7 +36,7 @@ from encode import encode_captions, encode_images, encode_pair
 from evaluation import add_scoring_flags, check_memory_budget, check_model_fits
 from explain import pair_attention, pair_labels
 from image_names import check_image_names, read_image_names
-from model import PRECISIONS, Side
+from engine import PRECISIONS, Side
 from scoring import top_captions, top_images
 from vocab import encode, query_tokens
 

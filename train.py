@@ -30,7 +30,8 @@ import evaluation
 import labels as labels_lib
 import parallel
 import runs
-from model import CASC, PRECISIONS, Config
+from engine import PRECISION_HELP, PRECISIONS
+from model import CASC, Config
 from vocab import deserialize_vocab, vocab_file
 
 log = logging.getLogger('casc')
@@ -83,7 +84,7 @@ def parse_args(argv=None):
     flag('--alpha', type=util.nonneg_float, default=0.8, help='weight of the local score in validation')
     flag('--seed', type=util.seed, default=0, help='seeds the weights and the shuffle')
     flag('--device', help='cuda | cuda:N | cpu | mps (default: cuda when present, else mps, else cpu)')
-    flag('--precision', default='fp32', choices=PRECISIONS, help='of the region-word product')
+    flag('--precision', default='fp32', choices=PRECISIONS, help=PRECISION_HELP)
     flag('--eval_memory_gb', type=pos_float, default=2.0, help='memory budget of validation chunks, in GB')
     args = p.parse_args(argv)
     if args.num_labels and not args.label_weight:  # the head would get no gradient, yet score at 1 - alpha

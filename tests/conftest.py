@@ -66,10 +66,11 @@ LENS = torch.tensor([6, 2, 4, 1, 5])  # captions of different lengths, one full,
 def tiny(seed: int = 0, dtype=torch.float64) -> tuple:
     """-> img (N_IMG, R, D) l2-normalized regions, cap (N_CAP, L, D) l2-normalized words, zero past
     LENS, mask (N_CAP, L) True on real words, and a LabelHead (D -> H -> K) of random weights."""
+    import engine
     import model
     g = torch.Generator().manual_seed(seed)
-    img = model.l2norm(torch.randn(N_IMG, R, D, generator=g, dtype=dtype))
-    cap = model.l2norm(torch.randn(N_CAP, L, D, generator=g, dtype=dtype))
+    img = engine.l2norm(torch.randn(N_IMG, R, D, generator=g, dtype=dtype))
+    cap = engine.l2norm(torch.randn(N_CAP, L, D, generator=g, dtype=dtype))
     mask = torch.arange(L) < LENS[:, None]
     cap = cap * mask[..., None]
     head = model.LabelHead(D, H, K).to(dtype)

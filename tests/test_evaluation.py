@@ -30,7 +30,7 @@ from test_report import check_page, write_image
 from test_scan import save_scan_checkpoint, scan_opt
 
 from evaluation import compute_sims, encode_captions, encode_images, load_model, ranks, recall_metrics
-from model import cross_attention
+from engine import cross_attention
 
 N_TEST_PAIRS = 40 * 200  # test split: 40 images x 5 captions each
 KEYS = [f'{d}_{m}' for d in ('i2t', 't2i') for m in ('r1', 'r5', 'r10', 'medr', 'meanr')] + ['rsum']

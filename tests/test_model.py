@@ -5,10 +5,12 @@ import itertools
 import pytest
 import torch
 
+import engine
 import model
 import reference as ref
 from conftest import D, H, K, L, LENS, N_CAP, N_IMG, R, tiny
-from model import CASC, Config, cross_attention, hinge_loss, prepare
+from engine import cross_attention, prepare
+from model import CASC, Config, hinge_loss
 
 
 def engine_scores(img, cap, mask, head, cfg, alpha=0.8):
@@ -20,7 +22,7 @@ def engine_scores(img, cap, mask, head, cfg, alpha=0.8):
     return m.scores(prepare(img, None, m.head), prepare(cap, mask, m.head), alpha=alpha)
 
 
-@pytest.mark.parametrize('norm', model.NORMS)
+@pytest.mark.parametrize('norm', engine.NORMS)
 @pytest.mark.parametrize('cross_attn', ['all', 't2i', 'i2t'])
 def test_scores_equal_authors_loop_every_norm_and_direction(norm, cross_attn):
     img, cap, mask, head = tiny()
@@ -33,7 +35,7 @@ def test_scores_equal_authors_loop_every_norm_and_direction(norm, cross_attn):
     torch.testing.assert_close(fast.sims, slow['s'], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize('t2i_agg,i2t_agg', list(itertools.product(model.AGGS, model.AGGS)))
+@pytest.mark.parametrize('t2i_agg,i2t_agg', list(itertools.product(engine.AGGS, engine.AGGS)))
 def test_scores_equal_authors_loop_every_aggregation(t2i_agg, i2t_agg):
     img, cap, mask, head = tiny(seed=1)
     cfg = Config(t2i_agg_func=t2i_agg, i2t_agg_func=i2t_agg, lambda_lse=3.0)
@@ -167,7 +169,7 @@ def test_quad_form_gradients(over_words):
     attn = torch.rand(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     x = torch.randn(4 if over_words else 2, 5 if over_words else 3, 6, generator=g, dtype=torch.float64)
     gram = (x @ x.transpose(1, 2)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, G: model.QuadForm.apply(a, G, over_words), (attn, gram))
+    assert torch.autograd.gradcheck(lambda a, G: engine.QuadForm.apply(a, G, over_words), (attn, gram))
 
 
 def test_training_gradients_equal_the_authors_loss_gradients():
@@ -191,13 +193,13 @@ def test_reduced_precision_products_stay_close_and_fp32_is_exact():
     g = torch.Generator().manual_seed(7)
     a, b = torch.randn(50, 64, generator=g), torch.randn(40, 64, generator=g)
     exact = a.double() @ b.double().T
-    products = {p: model.region_word_product(a, b, p) for p in ('fp32', 'tf32', 'bf16')}
+    products = {p: engine.region_word_product(a, b, p) for p in ('fp32', 'tf32', 'bf16')}
     assert all(x.dtype == torch.float32 and x.shape == (50, 40) for x in products.values())
     err = {p: (x.double() - exact).abs().max().item() for p, x in products.items()}
     # fp32 rounds only float32 sums (about 1e-5 here); tf32 keeps 10 mantissa bits of the inputs (about 1e-2), bf16 7
     assert err['fp32'] < 1e-4 < err['tf32'] < err['bf16'] < 0.5, err
     x = torch.tensor([1.0 + 2 ** -11, 1.0 + 2 ** -10 + 2 ** -12])
-    assert model.region_word_product(x[:, None], torch.ones(1, 1), 'tf32').flatten().tolist() == [1.0 + 2 ** -10, 1.0 + 2 ** -10]
+    assert engine.region_word_product(x[:, None], torch.ones(1, 1), 'tf32').flatten().tolist() == [1.0 + 2 ** -10, 1.0 + 2 ** -10]
 
 
 @pytest.mark.parametrize('group', [1, 2, 3, 8])
@@ -208,20 +210,20 @@ def test_grouped_training_attention_equals_one_call(group):
     img = img[[0, 1, 2, 0, 1]]  # 5 matched pairs
     sides = prepare(img, None, head), prepare(cap, mask, head)
     full = cross_attention(*sides, Config())
-    grouped = model.grouped_cross_attention(*sides, Config(), group=group)
+    grouped = engine.grouped_cross_attention(*sides, Config(), group=group)
     for k in ('s_t2i', 's_i2t'):
         torch.testing.assert_close(getattr(grouped, k), getattr(full, k), rtol=0, atol=1e-12)
     for k in ('h_img', 'h_txt'):
         torch.testing.assert_close(getattr(grouped, k), getattr(full, k).diagonal().T, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize('norm', model.NORMS)
+@pytest.mark.parametrize('norm', engine.NORMS)
 def test_t2i_attention_equals_the_authors_loop_for_every_pair(norm):
-    """model.t2i_attention (where each word looks, drawn by the search page) is the attention of
+    """engine.t2i_attention (where each word looks, drawn by the search page) is the attention of
     the reference loop's func_attention for words querying regions, pair by pair; 0 on padding."""
     img, cap, mask, head = tiny()
     cfg = Config(raw_feature_norm=norm)
-    attn = model.t2i_attention(prepare(img, None, None), prepare(cap, mask, None), cfg)
+    attn = engine.t2i_attention(prepare(img, None, None), prepare(cap, mask, None), cfg)
     assert attn.shape == (N_IMG, N_CAP, L, R)
     for i in range(N_IMG):
         for j, n_words in enumerate(LENS.tolist()):
@@ -244,7 +246,7 @@ def kernel():
 
 @pytest.fixture
 def eager(monkeypatch):
-    """Within the test, model.py runs its eager code (as without a compiler, or with CASC_FUSED=0)."""
+    """Within the test, engine.py runs its eager code (as without a compiler, or with CASC_FUSED=0)."""
     import fused
     monkeypatch.setitem(fused._state, 'tried', True)
     monkeypatch.setitem(fused._state, 'lib', None)
@@ -255,9 +257,9 @@ def paper_like(seed: int, dtype=torch.float32) -> tuple:
     blocks of 8), H = 16 (the head's fused tanh), K = 13 (the cosine's scalar tail)."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.tensor([25, 1, 8, 9, 16, 17, 3])
-    img = model.l2norm(torch.randn(4, 36, 24, generator=g, dtype=dtype))
+    img = engine.l2norm(torch.randn(4, 36, 24, generator=g, dtype=dtype))
     mask = torch.arange(25) < lens[:, None]
-    cap = model.l2norm(torch.randn(7, 25, 24, generator=g, dtype=dtype)) * mask[..., None]
+    cap = engine.l2norm(torch.randn(7, 25, 24, generator=g, dtype=dtype)) * mask[..., None]
     head = model.LabelHead(24, 16, 13).to(dtype)
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.5, generator=g)
