@@ -14,6 +14,7 @@ import torchvision
 from torch import Tensor, nn
 
 import checkpoint
+from featstore import grid_boxes
 from imagefiles import LONG_CAP
 
 R, GRID, DIM = 36, 6, 2048  # regions = GRID x GRID cells, ResNet-152's last channels
@@ -78,9 +79,7 @@ def build_detector(weights: str, seed: int, size: int) -> nn.Module:
 
 def grid_cells() -> Tensor:
     """The 6x6 grid as boxes (36, 4) (x1, y1, x2, y2) in [0, 1]: cell r = row r // 6, column r % 6."""
-    r = torch.arange(R)
-    col, row = r % GRID, r // GRID
-    return torch.stack([col, row, col + 1, row + 1], 1).float() / GRID
+    return torch.from_numpy(grid_boxes(R)).float()
 
 
 def farthest_first() -> list:

@@ -1,11 +1,14 @@
 """features.py's output on disk: the reserved, memory-mapped .partial files and the point an
 interrupted run resumes from, putting the complete output in place, and the settings record
 {split}_ims.json beside it: its file fingerprints, reading it back (photo.py), and deciding whether
-{split}_boxes.npy belongs to the features beside it (boxes_for, for the pages). No torch here.
+{split}_boxes.npy belongs to the features beside it (boxes_for, for the pages); and the grid cells
+regions lie on (grid_boxes: features.py's grid, and the pages' boxes when there is no boxes file).
+No torch here.
 """
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -148,3 +151,16 @@ def boxes_for(folder: str, split: str):
         return np.load(path, mmap_mode='r')
     except (OSError, ValueError) as e:
         raise ValueError(f'{path}: not a readable .npy file ({e})') from None
+
+
+def grid_shape(R: int) -> tuple:
+    """R regions as the most square grid, rows x cols == R, rows <= cols: 36 -> (6, 6), 12 -> (3, 4)."""
+    rows = max(r for r in range(1, math.isqrt(R) + 1) if R % r == 0)
+    return rows, R // rows
+
+
+def grid_boxes(R: int) -> np.ndarray:
+    """The row-major grid cells of R regions as boxes (R, 4), (x1, y1, x2, y2) in [0, 1]."""
+    rows, cols = grid_shape(R)
+    r, c = np.divmod(np.arange(R), cols)
+    return np.stack([c / cols, r / rows, (c + 1) / cols, (r + 1) / rows], 1)

@@ -20,7 +20,6 @@ Pages are made by the commands that score (this file has no command of its own):
     (an existing page, or pictures of one, in the folder: refused without --overwrite)
 """
 import html
-import math
 import os
 import re
 import sys
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featstore import boxes_for
+from featstore import boxes_for, grid_boxes
 from image_names import read_image_names
 from imagefiles import load_rgb
 
@@ -116,19 +115,6 @@ def read_boxes(dataset, R: int):
         raise ValueError(f'{path}: {boxes.dtype} {boxes.shape}, expected float ({dataset.n_images}, {R}, 4) boxes '
                          f'for the {dataset.split} split\'s {R} regions')
     return boxes
-
-
-def grid_shape(R: int) -> tuple:
-    """R regions as the most square grid, rows x cols == R, rows <= cols: 36 -> (6, 6), 12 -> (3, 4)."""
-    rows = max(r for r in range(1, math.isqrt(R) + 1) if R % r == 0)
-    return rows, R // rows
-
-
-def grid_boxes(R: int) -> np.ndarray:
-    """The row-major grid cells of R regions as boxes (R, 4), (x1, y1, x2, y2) in [0, 1]."""
-    rows, cols = grid_shape(R)
-    r, c = np.divmod(np.arange(R), cols)
-    return np.stack([c / cols, r / rows, (c + 1) / cols, (r + 1) / rows], 1)
 
 
 def heat_map(base, attn: np.ndarray, boxes: np.ndarray) -> Image.Image:

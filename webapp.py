@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+import featstore
 import report
 import server
 from server import K_MAX, PAGE_K, ApiError, Worker, check_image, check_query, image_file
@@ -39,7 +40,7 @@ def create_app(searcher, worker, image_dir: str = None, max_upload_mb: float = 1
     ctx = SimpleNamespace(searcher=searcher, worker=worker, image_dir=image_dir, photos=photos,
                           names=searcher.page_names(image_dir), max_bytes=int(max_upload_mb * 2 ** 20),
                           max_upload_mb=max_upload_mb, info=info or {},
-                          boxes=lambda i: report.grid_boxes(R) if boxes is None else np.asarray(boxes[i], np.float64),
+                          boxes=lambda i: featstore.grid_boxes(R) if boxes is None else np.asarray(boxes[i], np.float64),
                           attention=functools.lru_cache(256)(searcher.attention))  # called on the worker only
     app = FastAPI(title='CASC search', description=__doc__, version='1')
     _errors(app)

@@ -22,7 +22,8 @@ import toy
 import vocab as vocab_lib
 from evaluation import write_examples
 from model import CASC, Config
-from report import grid_boxes, grid_shape, heat_map, image_names
+from featstore import grid_boxes, grid_shape
+from report import heat_map, image_names
 
 HOSTILE = ['<img src=x onerror=alert(1)>', '"><script>alert(1)</script>', 'javascript:alert(1)',
            '../../etc/passwd', "it's \"quoted\" & &amp; done", '</li></ol><b>bold</b>', '[x](javascript:y)',

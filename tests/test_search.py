@@ -25,6 +25,7 @@ import evaluation
 import labels as labels_lib
 import model as model_lib
 import reference as ref
+import featstore
 import report
 import scoring
 import search
@@ -547,7 +548,7 @@ def test_text_query_page_shows_top_images_heat_maps_of_each_word_and_labels(worl
             assert srcs == [f'q{q}_r{rank}_w{w}.png' for w in range(1, len(words) + 1)]
             expected_pictures.update(srcs)
             base = report.Pictures(str(tmp_path / 'thumbs'), world.names, image_dir).thumbnail(i) if pictures else None
-            cells = box[i] if boxes else report.grid_boxes(R)
+            cells = box[i] if boxes else featstore.grid_boxes(R)
             for src, a in zip(srcs, attn):
                 with Image.open(out / src) as im:
                     assert im.format == 'PNG' and im.size == (base.size if pictures else (192, 192))
@@ -560,7 +561,7 @@ def test_text_query_page_shows_top_images_heat_maps_of_each_word_and_labels(worl
             assert [li.one('span', 'prob').text() for li in shown] == [f'{p:.2f}' for p in top.values.tolist()]
     assert len(sections) == 2 and pictures_in(out) == sorted(expected_pictures)
     if boxes:  # the boxes change the pictures: here they are not the grid
-        assert not np.allclose(box[results[0]['results'][0]['index']], report.grid_boxes(R))
+        assert not np.allclose(box[results[0]['results'][0]['index']], featstore.grid_boxes(R))
 
 
 @pytest.mark.parametrize('split', ['test', 'dup'])
