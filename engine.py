@@ -50,7 +50,12 @@ def safe_sqrt(x: Tensor) -> Tensor:
 
 def l2norm(x: Tensor, dim: int = -1) -> Tensor:
     """x / (||x||_2 + 1e-8) along dim; all-zero (padded) vectors stay zero with finite gradients."""
-    return x / (safe_sqrt(x.pow(2).sum(dim, keepdim=True)) + EPS)
+    return x / l2_denominator(x, dim)
+
+
+def l2_denominator(x: Tensor, dim: int) -> Tensor:
+    """||x||_2 + 1e-8 along dim, kept (the one l2 norm of l2norm and the l2norm raw scores)."""
+    return safe_sqrt(x.pow(2).sum(dim, keepdim=True)) + EPS
 
 
 def softmax_last(x: Tensor) -> Tensor:
@@ -70,7 +75,7 @@ def scaled_raw(x: Tensor, how: str, dim: int, lam: float, pad_bias: Tensor) -> T
     if how == 'softmax':
         return lam * (softmax_last(x + pad_bias) if dim == WORD_AXIS else torch.softmax(x, dim))
     if how.endswith('l2norm'):  # (not vector_norm: 20x slower along the region axis on CPU)
-        return x * (lam / (safe_sqrt(x.pow(2).sum(dim, keepdim=True)) + EPS))
+        return x * (lam / l2_denominator(x, dim))
     if how.endswith('l1norm'):
         return x * (lam / (x.abs().sum(dim, keepdim=True) + EPS))
     return x * lam  # 'clipped', 'no_norm'
