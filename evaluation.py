@@ -34,8 +34,9 @@ def ranks(sims: Tensor, im_div: int) -> tuple:
     """sims (n_img, n_cap), caption j showing image j // im_div -> 0-based ranks
     (i2t (n_img,), t2i (n_cap,)). Ties count against the query: a constant score never looks good.
     ValueError for a NaN or inf score (check_scores names its cause)."""
-    if non_finite(sims):
-        raise ValueError(f'{non_finite(sims)}: not ranked')
+    bad = non_finite(sims)  # one pass over the matrix
+    if bad:
+        raise ValueError(f'{bad}: not ranked')
     n_img, n_cap = sims.shape
     gt = torch.arange(n_cap) // im_div  # (n_cap,) image of each caption
     pos = sims[gt, torch.arange(n_cap)]  # (n_cap,) score of each caption with its own image

@@ -16,9 +16,6 @@ import numpy as np
 
 import util
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
 def resume_point(paths: dict, outs: list, settings: dict, overwrite: bool) -> int:
     """Images an interrupted run with these settings already wrote (0: start afresh). ValueError
     for an existing features or boxes file (a grid run removes the boxes of the run it replaces) or
@@ -73,15 +70,14 @@ def open_partials(outs: list, shapes: list, done: int) -> list:
                           np.lib.format.open_memmap(path, 'w+', np.float32, shape))
             reserve(path)
     except OSError as e:
-        if e.errno not in NO_SPACE:
+        if not util.no_space(e):
             raise
         del arrays[:]  # unmapped
         if not done:
             remove_partials(outs)
         need = sum(4 * int(np.prod(shape)) for shape in shapes) / 1e6
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 1e6
         raise ValueError(f'{path}: no space left on that disk for the output ({need:,.1f} MB for {n} images, '
-                         f'{free:,.1f} MB free there): nothing computed, the files already there are intact') from None
+                         f'{util.free_space(path)} free there): nothing computed, the files already there are intact') from None
     return arrays
 
 

@@ -160,8 +160,9 @@ def load_models(args, device, clock: Clock) -> tuple:
     if args.weights == 'none' or (boxes and args.detector_weights == 'none'):
         print(f'random weights (--weights none, --seed {args.seed}): for tests and timing only, not for '
               f'matching', file=sys.stderr)
-    if device.type == 'cuda':  # fp32 convolutions, the same algorithm every run (exact resume)
-        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic = False, True
+    if device.type == 'cuda':  # fp32 products and convolutions, the same algorithm every run (exact resume)
+        util.set_precision('fp32')
+        torch.backends.cudnn.deterministic = True
     trunk = build_trunk(args.weights, args.seed).to(device)
     detector = build_detector(args.detector_weights, args.seed, args.detector_size).to(device) if boxes else None
     return trunk, detector

@@ -3,7 +3,7 @@ over each pair's (R x L) block, in cache, instead of ~30 passes of full-size ten
 
 Built on first use with the system's C++ compiler (about 2.5 s of CPU) into ~/.cache/casc, once per
 source, compiler and CPU, and loaded with ctypes (no torch headers, no build step at install).
-Without a compiler, or with CASC_FUSED=0, model.cross_attention runs its eager code, which computes
+Without a compiler, or with CASC_FUSED=0, engine.cross_attention runs its eager code, which computes
 the same numbers (tested: tests/test_model.py) and is what CUDA, float64 and training use.
 """
 import ctypes

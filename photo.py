@@ -10,6 +10,7 @@ import sys
 import torch
 from PIL import Image
 
+import util
 from extractor import RECIPE, build_detector, build_trunk, extract
 from featstore import fingerprint, read_record
 from imagefiles import Images
@@ -64,5 +65,6 @@ class Photos:
             raise ValueError('not a picture file Pillow can read') from None
         except (OSError, Image.DecompressionBombError) as e:
             raise ValueError(f'cannot decode it ({" ".join(str(e).split())})') from None
-        feats, _ = extract(self.trunk, self.detector, [x], [det], self.device)  # (1, 36, 2048), boxes
+        with util.precision_scope('fp32'):  # as features.py's run: no TF32 on a GPU, whatever the caller's flags
+            feats, _ = extract(self.trunk, self.detector, [x], [det], self.device)  # (1, 36, 2048), boxes
         return feats.float().cpu()

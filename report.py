@@ -117,6 +117,12 @@ def read_boxes(dataset, R: int):
     return boxes
 
 
+def region_boxes(boxes, R: int, i: int) -> np.ndarray:
+    """Image i's R region boxes (R, 4) in [0, 1]: from boxes ({split}_boxes.npy, (n, R, 4)) when the
+    features have their own, else the grid cells (featstore.grid_boxes)."""
+    return grid_boxes(R) if boxes is None else np.asarray(boxes[i], dtype=np.float64)
+
+
 def heat_map(base, attn: np.ndarray, boxes: np.ndarray) -> Image.Image:
     """attn (R,) over regions, boxes (R, 4) in [0, 1] -> RGB picture: each region's weight added
     over its box (boxes may overlap), scaled by the largest sum, in the 'hot' colours over `base`
@@ -196,7 +202,7 @@ class Pictures:
         vocabulary's words) is marked: the model scored it as <unk>, not as that word."""
         assert re.fullmatch(r'[a-z0-9_]+', stem), stem  # file names come from indices only
         i = int(i)
-        boxes = grid_boxes(self.R) if self.boxes is None else np.asarray(self.boxes[i], dtype=np.float64)
+        boxes = region_boxes(self.boxes, self.R, i)
         base, figures = self.thumbnail(i), []
         for w, (word, a) in enumerate(zip(words, attn.double().cpu().numpy()), 1):
             name = f'{stem}_w{w}.png'

@@ -289,7 +289,7 @@ def pick_device(name=None):
 
 def set_precision(precision: str):
     """--precision, set once where a program starts: 'tf32' lets CUDA's float32 products (matmuls,
-    and cuDNN's: the GRU, convolutions) use the TF32 tensor cores (model.region_word_product
+    and cuDNN's: the GRU, convolutions) use the TF32 tensor cores (engine.region_word_product
     emulates its rounding on other devices); 'fp32' and 'bf16' keep them exact (cuDNN's TF32 is on
     by default in PyTorch: fp32 turns it off)."""
     import torch

@@ -238,7 +238,7 @@ def main(argv=None):
         vocab = build_vocab(args.data_path, args.data_name, args.threshold, counter=counter)
         note = dropped_words(counter, args.threshold)
         if note:
-            print(note)
+            print(util.printable(note))  # words from the captions: no control character reaches the terminal
         if not args.overwrite and util.already_written(
                 out, lambda path: deserialize_vocab(path).words() == vocab.words(), 'another vocabulary'):
             print(f'{out} already holds this vocabulary of {len(vocab)} words: left as it is')

@@ -14,14 +14,12 @@ import sys
 from types import SimpleNamespace
 from urllib.parse import quote
 
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-import featstore
 import report
 import server
 from server import K_MAX, PAGE_K, ApiError, Worker, check_image, check_query, image_file
@@ -40,7 +38,7 @@ def create_app(searcher, worker, image_dir: str = None, max_upload_mb: float = 1
     ctx = SimpleNamespace(searcher=searcher, worker=worker, image_dir=image_dir, photos=photos,
                           names=searcher.page_names(image_dir), max_bytes=int(max_upload_mb * 2 ** 20),
                           max_upload_mb=max_upload_mb, info=info or {},
-                          boxes=lambda i: featstore.grid_boxes(R) if boxes is None else np.asarray(boxes[i], np.float64),
+                          boxes=functools.partial(report.region_boxes, boxes, R),
                           attention=functools.lru_cache(256)(searcher.attention))  # called on the worker only
     app = FastAPI(title='CASC search', description=__doc__, version='1')
     _errors(app)
