@@ -36,7 +36,7 @@ EPS = 1e-8
 REGION_AXIS, WORD_AXIS = 1, 3
 NORMS = ('clipped_l2norm', 'l2norm', 'clipped_l1norm', 'l1norm', 'clipped', 'softmax', 'no_norm')
 AGGS = ('Mean', 'Max', 'Sum', 'LogSumExp')
-PRECISIONS = ('fp32', 'tf32', 'bf16')  # of the large products (region_word_product, head_from_hidden)
+PRECISIONS = ('fp32', 'tf32', 'bf16')  # of the large products (region_word_product, head_logits)
 PRECISION_HELP = ('fp32: exact; bf16: the region-word product and the label head\'s second layer from bfloat16 '
                   'inputs; tf32: on CUDA every float32 product and cuDNN\'s (set for the whole process), '
                   'elsewhere the region-word product with TF32\'s rounding')
@@ -112,24 +112,37 @@ def label_similarity(logits_img: Tensor, logits_txt: Tensor) -> Tensor:
     return torch.linalg.vecdot(p, q) / norms.clamp_min(EPS)
 
 
-def head_from_hidden(h: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, precision: str = 'fp32') -> Tensor:
-    """The label head's second half, W2 tanh(h + b1) + b2, from first-layer products without the
-    bias h = W1 x (..., H) -> (..., K). A pair-axes-transposed view (n_img, n_cap, H) of
-    caption-major memory is scored in place and returned as the same view. bf16: W2's product from
-    bfloat16 inputs, as region_word_product."""
+def head_hidden(h: Tensor, b1: Tensor) -> Tensor:
+    """The label head's hidden layer tanh(h + b1) from first-layer products without the bias,
+    h = W1 x (..., H). A pair-axes-transposed view (n_img, n_cap, H) of caption-major memory is
+    computed in place and returned as the same view."""
     swap = h.dim() == 3 and not h.is_contiguous() and h.transpose(0, 1).is_contiguous()
     h = h.transpose(0, 1) if swap else h
-    if fused.plain(h, w2) and h.is_contiguous() and h.size(-1) % 8 == 0:
+    if fused.plain(h, b1) and h.is_contiguous() and h.size(-1) % 8 == 0:
         hidden = fused.bias_tanh(h, b1)  # one pass instead of two; ATen's tanh is slow on the CPU
     else:
         hidden = torch.tanh(h + b1)
-    hidden = hidden.flatten(0, -2)  # (pairs, H): one GEMM, its bias fused in addmm
+    return hidden.transpose(0, 1) if swap else hidden
+
+
+def head_logits(hidden: Tensor, w2: Tensor, b2: Tensor, precision: str = 'fp32') -> Tensor:
+    """The label head's second layer W2 hidden + b2: (..., H) -> (..., K) logits, one GEMM over all
+    pairs (a transposed view as in head_hidden). bf16: from bfloat16 inputs, as region_word_product."""
+    swap = hidden.dim() == 3 and not hidden.is_contiguous() and hidden.transpose(0, 1).is_contiguous()
+    hidden = hidden.transpose(0, 1) if swap else hidden
+    flat = hidden.flatten(0, -2)  # (pairs, H): one GEMM, its bias fused in addmm
     if precision == 'bf16':
-        logits = (hidden.bfloat16() @ w2.bfloat16().T).to(h.dtype) + b2
+        logits = (flat.bfloat16() @ w2.bfloat16().T).to(hidden.dtype) + b2
     else:
-        logits = torch.addmm(b2, hidden, w2.T)
-    logits = logits.view(*h.shape[:-1], -1)
+        logits = torch.addmm(b2, flat, w2.T)
+    logits = logits.view(*hidden.shape[:-1], -1)
     return logits.transpose(0, 1) if swap else logits
+
+
+def head_from_hidden(h: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, precision: str = 'fp32') -> Tensor:
+    """The label head's second half, W2 tanh(h + b1) + b2, from first-layer products without the
+    bias h = W1 x (..., H) -> (..., K)."""
+    return head_logits(head_hidden(h, b1), w2, b2, precision)
 
 
 def region_word_product(a: Tensor, b: Tensor, precision: str = 'fp32') -> Tensor:
@@ -225,16 +238,17 @@ class CrossScores(NamedTuple):
     and the label head's first layer of each pair's pooled attended contexts."""
     s_t2i: Tensor  # (n_img, n_cap) text-to-image relevance, aggregated over words
     s_i2t: Tensor  # (n_img, n_cap) image-to-text relevance, aggregated over regions
-    h_img: Optional[Tensor]  # (n_img, n_cap, H) W1 u_img (head_from_hidden adds b1), when the sides
-    h_txt: Optional[Tensor]  # (n_img, n_cap, H) W1 u_txt: ... carry head projections; else None
+    h_img: Optional[Tensor]  # (n_img, n_cap, H) W1 u_img, or the hidden layer tanh(W1 u_img + b1) given b1,
+    h_txt: Optional[Tensor]  # (n_img, n_cap, H) the same of u_txt: when the sides carry head projections
 
 
-def cross_attention(img: Side, cap: Side, cfg, precision: str = 'fp32') -> CrossScores:
+def cross_attention(img: Side, cap: Side, cfg, precision: str = 'fp32', b1: Optional[Tensor] = None) -> CrossScores:
     """All pairs of n_img images and n_cap captions, both directions at once. u_img is the mean
     over words of the t2i attended image contexts, u_txt the mean over regions of the i2t word
-    contexts; h_* are their first label-head layer W1 u (bias excluded)."""
+    contexts; h_* are their first label-head layer W1 u (bias excluded), or given the head's first
+    bias b1 (H,), its hidden layer tanh(W1 u + b1)."""
     if fused.applies(img, cap, cfg.raw_feature_norm):  # CPU inference: the same numbers in one pass (fused.cpp)
-        return _fused_cross_attention(img, cap, cfg, precision)
+        return _fused_cross_attention(img, cap, cfg, precision, b1)
     s_rw, raw, pad_bias = _region_word(img, cap, cfg, precision)
     h_img = h_txt = None
 
@@ -259,22 +273,21 @@ def cross_attention(img: Side, cap: Side, cfg, precision: str = 'fp32') -> Cross
     s_i2t = aggregate(rel.transpose(1, 2), None, cfg.i2t_agg_func, cfg.lambda_lse)
     if cap.proj is not None:  # u_txt's attention: mean over regions, (n_cap, n_img, L)
         h_txt = torch.bmm(attn.mean(REGION_AXIS).transpose(0, 1), cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
+    if b1 is not None:
+        h_img, h_txt = (None if h is None else head_hidden(h, b1) for h in (h_img, h_txt))
     return CrossScores(s_t2i, s_i2t, h_img, h_txt)
 
 
-def _fused_cross_attention(img: Side, cap: Side, cfg, precision: str) -> CrossScores:
-    """cross_attention by fused.cpp: only the product and the head's small batched products are
-    full-size tensors; the rest happens per pair, in cache."""
+def _fused_cross_attention(img: Side, cap: Side, cfg, precision: str, b1: Optional[Tensor]) -> CrossScores:
+    """cross_attention by fused.cpp: only the product is a full-size tensor; the rest, the head's
+    first layer of the pooled contexts and its tanh included, happens per pair, in cache."""
     n_img, R, d = img.emb.shape
     n_cap, L, _ = cap.emb.shape
     s_rw = region_word_product(img.emb.reshape(n_img * R, d), cap.emb.reshape(n_cap * L, d), precision)
-    s_t2i, s_i2t, w_img, w_txt = fused.cross_attention(  # w_img (n_img, n_cap, R), w_txt (n_cap, n_img, L)
+    return CrossScores(*fused.cross_attention(  # s_t2i, s_i2t (n_img, n_cap), h_img, h_txt (n_img, n_cap, H)
         s_rw, img, cap, raw_feature_norm=cfg.raw_feature_norm, lambda_t2i=cfg.lambda_softmax_avg,
         lambda_i2t=cfg.lambda_softmax_lse, t2i_agg=cfg.t2i_agg_func, i2t_agg=cfg.i2t_agg_func,
-        lambda_lse=cfg.lambda_lse, pooled=img.proj is not None or cap.proj is not None)
-    h_img = None if img.proj is None else torch.bmm(w_img, img.proj)  # (n_img, n_cap, H)
-    h_txt = None if cap.proj is None else torch.bmm(w_txt, cap.proj).transpose(0, 1)  # (n_img, n_cap, H)
-    return CrossScores(s_t2i, s_i2t, h_img, h_txt)
+        lambda_lse=cfg.lambda_lse, b1=b1))
 
 
 def local_score(att: CrossScores, cross_attn: str) -> Tensor:

@@ -1,7 +1,7 @@
 // CASC's cross attention of every (image, caption) pair after the region-word product, fused:
 // one pass over each pair's R x n block of the product, everything else in L1 (fused.py builds
-// and calls this; model.cross_attention is the eager twin it is tested against). Plain C ABI,
-// no torch headers: it compiles in about 2.5 s of CPU. float32; vectors of 8 lanes via GCC vector
+// and calls this; engine.cross_attention is the eager twin it is tested against). Plain C ABI,
+// no torch headers: it compiles in a few seconds of CPU. float32; vectors of 8 lanes via GCC vector
 // extensions (AVX2 registers with -march=native, plain scalar code elsewhere).
 //
 // Per pair (image i: regions r < R; caption j: words l < n = lens[j], a prefix of its L slots):
@@ -10,7 +10,9 @@
 //       rel_l = (sum_r a_rl s_rl) / max(||w_l|| sqrt(a_.l^T G_img a_.l), eps);  w_img_r = mean_l a_rl
 //   i2t (regions query words): z_rl = x_rl * lam_i2t / (||x_.l|| + eps), b_r. = softmax_l(z_r.)
 //       rel_r = (sum_l b_rl s_rl) / max(||v_r|| sqrt(b_r.^T G_cap b_r.), eps); w_txt_l = mean_r b_rl
-//   then rel is pooled over the queries (Mean, Max, Sum, LogSumExp).
+//   then rel is pooled over the queries (Mean, Max, Sum, LogSumExp), and with the label head's
+//   projections P = X W1^T of both sides: h_img = w_img^T P_img, h_txt = w_txt^T P_cap, or with its
+//   first bias b1 the hidden layers tanh(h + b1) themselves (the pooled contexts never exist).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -89,7 +91,8 @@ struct Args {
     const float* s; int64_t ld; int n_img, R, n_cap, L; const int32_t* lens;
     const float *img_norm, *img_gram, *cap_norm, *cap_gram;
     int norm, clipped; float lam_t2i, lam_i2t; int agg_t2i, agg_i2t; float lambda_lse;
-    float *s_t2i, *s_i2t, *w_img, *w_txt;
+    const float *img_proj, *cap_proj, *b1; int H;  // the label head's first layer (or null): (n_img, R, H), (n_cap, L, H), (H)
+    float *s_t2i, *s_i2t, *h_img, *h_txt;  // (n_img, n_cap) each; (n_img, n_cap, H) each, or null
 };
 
 static inline vf clip(vf x, int clipped) { return clipped ? (x > 0 ? x : 0.1f * x) : x; }
@@ -100,7 +103,7 @@ static inline float scale_of(float acc, int norm, float lam) {  // lam / (||x|| 
 }
 
 struct Buffers {  // one thread's scratch: A (R x LP) word lanes, AT (n x RP) region lanes, etc.
-    std::vector<float> A, AT, rel, cnorm, cscale, rscale, inorm;
+    std::vector<float> A, AT, rel, cnorm, cscale, rscale, inorm, w;  // w: a pair's pooled attention
     std::vector<vf> P, Q, D;  // attention (R x NB or n x RB vectors), quad forms, dots (C++17 new: aligned)
     int R = -1, L = -1;
     Buffers(int R_, int L_) { fit(R_, L_); }
@@ -110,7 +113,7 @@ struct Buffers {  // one thread's scratch: A (R x LP) word lanes, AT (n x RP) re
         int LP = (L + W - 1) / W * W, RP = (R + W - 1) / W * W;
         A.resize(RP * LP); P.resize(std::max(RP * LP, LP * RP) / W); Q.resize(LP + RP); D.resize(LP + RP);
         AT.resize(LP * RP); rel.resize(LP + RP);
-        cnorm.resize(LP); cscale.resize(LP); rscale.resize(RP); inorm.resize(RP, 1.0f);
+        cnorm.resize(LP); cscale.resize(LP); rscale.resize(RP); inorm.resize(RP, 1.0f); w.resize(LP + RP);
     }
 };
 
@@ -214,6 +217,31 @@ static inline vf softmax_lanes(vf* P, int S, int n) {
     return 1.0f / sum;
 }
 
+// out[h] = sum_q w[q] proj[q][h] for h < H (proj rows of H floats): a pair's pooled attention through
+// the label head's first layer, W1 u; with b1, the hidden layer tanh(W1 u + b1) itself. 8 vectors of
+// the output at a time, so that 8 independent FMA chains hide each one's latency.
+template <int NV> static inline void project_block(const float* proj, const float* w, int count, int H,
+                                                   const float* b1, float* out) {
+    vf acc[NV];
+    for (int k = 0; k < NV; ++k) acc[k] = splat(0);
+    for (int q = 0; q < count; ++q) {
+        const vf wq = splat(w[q]);
+        for (int k = 0; k < NV; ++k) acc[k] += wq * vload(proj + int64_t(q) * H + k * W);
+    }
+    for (int k = 0; k < NV; ++k) vstore(out + k * W, b1 ? vtanh(acc[k] + vload(b1 + k * W)) : acc[k]);
+}
+
+static void project(const float* proj, const float* w, int count, int H, const float* b1, float* out) {
+    int h = 0;
+    for (; h + 8 * W <= H; h += 8 * W) project_block<8>(proj + h, w, count, H, b1 ? b1 + h : b1, out + h);
+    for (; h + W <= H; h += W) project_block<1>(proj + h, w, count, H, b1 ? b1 + h : b1, out + h);
+    for (; h < H; ++h) {  // the scalar tail of an H that is not a multiple of 8
+        float t = 0;
+        for (int q = 0; q < count; ++q) t += w[q] * proj[int64_t(q) * H + h];
+        out[h] = b1 ? std::tanh(t + b1[h]) : t;
+    }
+}
+
 // t2i, lanes = 8 words (NB blocks): softmax over the R regions, rel_l, pooled over the n words.
 static void t2i_pair(const Args& a, int i, int j, int n, Buffers& b) {
     const int R = a.R, NB = (n + W - 1) / W, LP = NB * W;
@@ -231,11 +259,13 @@ static void t2i_pair(const Args& a, int i, int j, int n, Buffers& b) {
         vstore(&b.rel[k * W], D[k] / vmax(vload(&b.cnorm[k * W]) * vsqrt_pos(Q[k]), splat(EPS)));
     int64_t pair = int64_t(i) * a.n_cap + j;
     a.s_t2i[pair] = pool(b.rel.data(), n, a.agg_t2i, a.lambda_lse);
-    for (int r = 0; a.w_img && r < R; ++r) {
+    if (!a.h_img) return;
+    for (int r = 0; r < R; ++r) {  // u_img's attention: the mean over the real words
         vf w = P[r * NB];
         for (int k = 1; k < NB; ++k) w += P[r * NB + k];
-        a.w_img[pair * R + r] = hsum(w) / n;
+        b.w[r] = hsum(w) / n;
     }
+    project(a.img_proj + int64_t(i) * R * a.H, b.w.data(), R, a.H, a.b1, a.h_img + pair * a.H);
 }
 
 // i2t, lanes = 8 regions (RB blocks): softmax over the n real words, rel_r, pooled over the R regions.
@@ -254,30 +284,37 @@ static void i2t_pair(const Args& a, int i, int j, int n, Buffers& b) {
         vstore(&b.rel[k * W], D[k] / vmax(vload(&b.inorm[k * W]) * vsqrt_pos(Q[k]), splat(EPS)));
     int64_t pair = int64_t(i) * a.n_cap + j;
     a.s_i2t[pair] = pool(b.rel.data(), R, a.agg_i2t, a.lambda_lse);
-    if (a.w_txt) {  // (n_cap, n_img, L): caption-major, as the head's batched product wants it
-        const vf last = (vi{0, 1, 2, 3, 4, 5, 6, 7} + (RB - 1) * W < R) ? splat(1) : splat(0);  // padded regions
-        float* out = a.w_txt + (int64_t(j) * a.n_img + i) * a.L;
-        for (int l = 0; l < n; ++l) {
-            vf w = P[l * RB + RB - 1] * last;
-            for (int k = 0; k < RB - 1; ++k) w += P[l * RB + k];
-            out[l] = hsum(w) / R;
-        }
-        std::fill(out + n, out + a.L, 0.0f);
+    if (!a.h_txt) return;
+    const vf last = (vi{0, 1, 2, 3, 4, 5, 6, 7} + (RB - 1) * W < R) ? splat(1) : splat(0);  // padded regions
+    for (int l = 0; l < n; ++l) {  // u_txt's attention: the mean over the regions
+        vf w = P[l * RB + RB - 1] * last;
+        for (int k = 0; k < RB - 1; ++k) w += P[l * RB + k];
+        b.w[l] = hsum(w) / R;
     }
+    project(a.cap_proj + int64_t(j) * a.L * a.H, b.w.data(), n, a.H, a.b1, a.h_txt + pair * a.H);
 }
 
 // fn(begin, end) over [0, n) in blocks of `grain`, taken in turn by n_threads threads (the calling
 // one included): a thread slowed by another process takes fewer blocks instead of being waited for.
+// Built with OpenMP (fused.py tries -fopenmp first), the threads are torch's own: the same libgomp
+// (soname libgomp.so.1), so that the kernel does not compete with torch's idle threads, which spin
+// for a while after each of its parallel products (on 2 cores that cost the kernel ~25%).
 template <class Fn> static void parallel(int64_t n, int n_threads, int64_t grain, Fn fn) {
+    const int64_t blocks = (n + grain - 1) / grain;
+    const int T = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, blocks)));
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(T)
+    for (int64_t k = 0; k < blocks; ++k) fn(k * grain, std::min(n, (k + 1) * grain));
+#else
     std::atomic<int64_t> next{0};
     auto work = [&]() {
         for (int64_t p0; (p0 = next.fetch_add(grain)) < n;) fn(p0, std::min(n, p0 + grain));
     };
-    int T = int(std::max<int64_t>(1, std::min<int64_t>(n_threads, (n + grain - 1) / grain)));
     std::vector<std::thread> rest;
     for (int t = 1; t < T; ++t) rest.emplace_back(work);
     work();
     for (auto& th : rest) th.join();
+#endif
 }
 
 static void run_range(const Args& a, int64_t p0, int64_t p1) {
@@ -296,9 +333,10 @@ extern "C" int casc_cross_attention(
     const float* s, int64_t ld, int n_img, int R, int n_cap, int L, const int32_t* lens,
     const float* img_norm, const float* img_gram, const float* cap_norm, const float* cap_gram,
     int norm, int clipped, float lam_t2i, float lam_i2t, int agg_t2i, int agg_i2t, float lambda_lse,
-    float* s_t2i, float* s_i2t, float* w_img, float* w_txt, int n_threads) {
+    const float* img_proj, const float* cap_proj, const float* b1, int H,
+    float* s_t2i, float* s_i2t, float* h_img, float* h_txt, int n_threads) {
     Args a{s, ld, n_img, R, n_cap, L, lens, img_norm, img_gram, cap_norm, cap_gram, norm, clipped,
-           lam_t2i, lam_i2t, agg_t2i, agg_i2t, lambda_lse, s_t2i, s_i2t, w_img, w_txt};
+           lam_t2i, lam_i2t, agg_t2i, agg_i2t, lambda_lse, img_proj, cap_proj, b1, H, s_t2i, s_i2t, h_img, h_txt};
     parallel(int64_t(n_img) * n_cap, n_threads, 64, [&a](int64_t p0, int64_t p1) { run_range(a, p0, p1); });
     return 0;
 }

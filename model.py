@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine import (AGGS, NORMS, Side, grouped_cross_attention, head_from_hidden, l2norm, label_similarity,
-                    local_score, cross_attention, prepare)
+from engine import (AGGS, NORMS, Side, grouped_cross_attention, head_from_hidden, head_logits, l2norm,
+                    label_similarity, local_score, cross_attention, prepare)
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,10 @@ class LabelHead(nn.Module):
         (engine.head_from_hidden: the one place the second layer is applied)."""
         return head_from_hidden(h, self.fc1.bias, self.fc2.weight, self.fc2.bias, precision)
 
+    def logits(self, hidden: Tensor, precision: str = 'fp32') -> Tensor:
+        """From the hidden layer tanh(W1 x + b1) (..., H) -> (..., K) logits (engine.head_logits)."""
+        return head_logits(hidden, self.fc2.weight, self.fc2.bias, precision)
+
 
 class Scores(NamedTuple):
     """Evaluation scores of all pairs of n_img images and n_cap captions."""
@@ -163,12 +167,14 @@ class CASC(nn.Module):
         score terms are fused."""
         cfg = self.cfg
         alpha = cfg.alpha if alpha is None else alpha
-        att = cross_attention(img, cap, cfg, precision)
-        local = local_score(att, cfg.cross_attn)
-        if self.head is None or alpha == 1.0:
+        if self.head is None or alpha == 1.0:  # the local score alone: no head work
+            att = cross_attention(img._replace(proj=None), cap._replace(proj=None), cfg, precision)
+            local = local_score(att, cfg.cross_attn)
             return Scores(local, local, None, None)
-        logits_img = self.head.from_hidden(att.h_img, precision)  # (n_img, n_cap, K)
-        label = label_similarity(logits_img, self.head.from_hidden(att.h_txt, precision))
+        att = cross_attention(img, cap, cfg, precision, self.head.fc1.bias)  # h_*: the head's hidden layers
+        local = local_score(att, cfg.cross_attn)
+        logits_img = self.head.logits(att.h_img, precision)  # (n_img, n_cap, K)
+        label = label_similarity(logits_img, self.head.logits(att.h_txt, precision))
         return Scores(alpha * local + (1 - alpha) * label, local, label, logits_img)
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor, targets: Optional[Tensor] = None,

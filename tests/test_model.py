@@ -355,8 +355,26 @@ def test_fused_kernel_threads_give_identical_results(kernel):
             torch.set_num_threads(n)
             outs.append(kernel.cross_attention(s_rw, *sides, raw_feature_norm='clipped_l2norm', lambda_t2i=9.0,
                                                lambda_i2t=4.0, t2i_agg='Mean', i2t_agg='LogSumExp', lambda_lse=6.0,
-                                               pooled=True))
+                                               b1=head.fc1.bias.detach()))
     finally:
         torch.set_num_threads(threads)
+    assert outs[0][2].shape == outs[0][3].shape == (20, 7, 16)  # h_img, h_txt: the head's hidden layers
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('hidden', [16, 75])  # 75: blocks of 64 and of 8 lanes, and a scalar tail of 3
+def test_fused_kernel_gives_the_heads_first_layer_and_hidden_layer_of_the_pooled_contexts(kernel, hidden, request):
+    img, cap, mask, _, _ = paper_like(seed=16)
+    head = model.LabelHead(24, hidden, 13)
+    with torch.inference_mode():
+        sides = prepare(img, None, head), prepare(cap, mask, head)
+        fast = [cross_attention(*sides, Config(), b1=b1) for b1 in (None, head.fc1.bias)]
+        request.getfixturevalue('eager')
+        slow = [cross_attention(*sides, Config(), b1=b1) for b1 in (None, head.fc1.bias)]
+    for f, s in zip(fast, slow):
+        for k in ('s_t2i', 's_i2t', 'h_img', 'h_txt'):
+            assert getattr(f, k).shape == getattr(s, k).shape
+            torch.testing.assert_close(getattr(f, k), getattr(s, k), rtol=0, atol=2e-6, msg=k)
+    torch.testing.assert_close(fast[1].h_img, torch.tanh(slow[0].h_img + head.fc1.bias), rtol=0, atol=2e-6)
+    assert (fast[1].h_txt - fast[0].h_txt).abs().max() > 0.1  # the bias and tanh were applied
