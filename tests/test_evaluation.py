@@ -254,6 +254,7 @@ def test_chunked_scoring_equals_one_shot_whatever_the_memory_budget(encoded, mon
     model, img = encoded.model, encoded.img
     caps = encode_captions(model, encoded.ds.captions, batch_size=200)  # one caption batch
     monkeypatch.setattr(scoring, 'CACHE_CELLS', 1 << 40)  # no cache-sized cap: truly one shot
+    monkeypatch.setattr(scoring, 'FUSED_CELLS', 1 << 40)
     one_shot = compute_sims(model, img, caps, memory_gb=64.0, progress=False)
     (_, cap), = caps
     n_c, L = cap.mask.shape
@@ -271,6 +272,7 @@ def test_chunk_size_does_not_grow_with_the_split(encoded, monkeypatch, min_items
     split's chunks may be smaller than a large one's, never larger than the memory budget's)."""
     if min_items:
         monkeypatch.setattr(scoring, 'MIN_ITEMS', min_items)
+    monkeypatch.setattr(scoring, 'FUSED_CELLS', scoring.CACHE_CELLS)  # a cap that bites on the toy split's 40 images
     model, img = encoded.model, encoded.img
     caps = encode_captions(model, encoded.ds.captions)
     double = type(img)(*(None if t is None else torch.cat([t, t]) for t in img))
@@ -284,7 +286,7 @@ def test_chunk_size_does_not_grow_with_the_split(encoded, monkeypatch, min_items
             del model.scores
         largest.append(max(cells))
         assert sims.shape == (side.emb.shape[0], len(encoded.ds.captions))
-    bound = max(scoring.CACHE_CELLS, max(c.mask.numel() for _, c in caps) * img.emb.shape[1])
+    bound = max(scoring.cache_cells(model.cfg), max(c.mask.numel() for _, c in caps) * img.emb.shape[1])
     assert (largest[0] == largest[1] if min_items else largest[0] <= largest[1]) and largest[1] <= bound
 
 

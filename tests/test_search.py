@@ -224,7 +224,7 @@ def old_chunks(n_img, n_c, R, L, cfg, device, memory_gb) -> list:
     per_image = n_c * (R * L * scoring.BYTES_PER_CELL + 16 * (cfg.num_labels + cfg.label_hidden))
     step = int(memory_gb * 2 ** 30 // per_image)
     if torch.device(device).type == 'cpu':
-        step = min(step, scoring.CACHE_CELLS // (n_c * R * L))
+        step = min(step, scoring.cache_cells(cfg) // (n_c * R * L))
     step = max(1, step)
     return [(i0, min(i0 + step, n_img)) for i0 in range(0, n_img, step)]
 
