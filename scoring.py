@@ -68,22 +68,22 @@ def score_chunks(model: CASC, img: Side, caps, memory_gb: float, alpha=None, pre
     n_img, R, _ = img.emb.shape
     image_bytes = index.row_bytes(img)  # a mapped gallery's chunk counts its own tensors
     if shared:
-        work = plan_work(n_img, R, caps, model.cfg, img.emb.device, memory_gb, image_bytes)  # the items below
+        work = plan_work(n_img, R, caps, model.cfg, img.emb.device, memory_gb, image_bytes)
         pairs = [(i1 - i0) * len(caps[b][0]) for b, i0, i1 in work]  # (items,)
-        mine = set(parallel.deal(pairs))
-        total, per_batch = sum(pairs[k] for k in mine), -(-MIN_ITEMS // len(caps))
+        mine = parallel.deal(pairs)
+        total, chunks_of = sum(pairs[k] for k in mine), {}
+        for b, i0, i1 in (work[k] for k in mine):
+            chunks_of.setdefault(b, []).append((i0, i1))
     else:
-        mine, total, per_batch = None, n_img * sum(len(idx) for idx, _ in caps), 1
+        total, chunks_of = n_img * sum(len(idx) for idx, _ in caps), None
     bar = util.progress(total=total, unit='pair', unit_scale=True, **(bar or {'enabled': False}))
-    k = 0  # the item's number in the pass
-    for idx, cap in caps:
-        for i0, i1 in plan_chunks(n_img, len(idx), R, cap.mask.shape[1], model.cfg, img.emb.device, memory_gb,
-                                  per_batch, image_bytes):
-            if mine is None or k in mine:
-                sims = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
-                bar.update(sims.numel())
-                yield idx, i0, i1, sims  # (i1 - i0, n_c)
-            k += 1
+    for b, (idx, cap) in enumerate(caps):
+        chunks = (chunks_of.get(b, []) if shared else
+                  plan_chunks(n_img, len(idx), R, cap.mask.shape[1], model.cfg, img.emb.device, memory_gb, 1, image_bytes))
+        for i0, i1 in chunks:
+            sims = model.scores(images_slice(img, i0, i1), cap, alpha=alpha, precision=precision).sims
+            bar.update(sims.numel())
+            yield idx, i0, i1, sims  # (i1 - i0, n_c)
     bar.close()
 
 
