@@ -311,6 +311,26 @@ def test_without_a_compiler_scoring_falls_back_to_eager(kernel, monkeypatch, cap
     torch.testing.assert_close(fast, slow, rtol=0, atol=2e-6)
 
 
+def test_without_openmp_the_kernel_runs_its_own_threads_with_identical_scores(kernel, monkeypatch, tmp_path):
+    """A compiler without OpenMP (here: one that rejects the flag) builds the kernel on std::thread."""
+    img, cap, mask, _, head = paper_like(seed=17)
+    img = torch.cat([img] * 20)  # 80 images x 7 captions = 560 pairs: 9 blocks, over 2 threads
+    omp = scores_of(img, cap, mask, head, Config())
+    monkeypatch.setattr(kernel, 'OPENMP', '-fno-such-option-casc')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    monkeypatch.setitem(kernel._state, 'tried', False)
+    monkeypatch.setitem(kernel._state, 'lib', None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        own = scores_of(img, cap, mask, head, Config())
+    finally:
+        torch.set_num_threads(threads)
+    assert kernel.library() is not None and len(list((tmp_path / 'casc').glob('fused_*.so'))) == 1
+    for f in ('sims', 'label', 'logits_img'):
+        assert torch.equal(getattr(omp, f), getattr(own, f)), f
+
+
 def test_kernel_stays_out_of_training_float64_and_softmax_norm(kernel):
     img, cap, mask, _, _ = paper_like(seed=12)
     sides = prepare(img, None, None), prepare(cap, mask, None)
