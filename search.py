@@ -32,7 +32,7 @@ import index
 import report
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset
-from encode import encode_captions, encode_images, encode_pair
+from encode import encode_captions, encode_images
 from evaluation import add_scoring_flags, check_memory_budget, check_model_fits
 from explain import pair_attention, pair_labels
 from image_names import check_image_names, read_image_names
@@ -82,7 +82,8 @@ class Searcher:
                       if os.path.isfile(self.names_path) else None)
         self.score_args = dict(alpha=alpha, precision=precision, memory_gb=eval_memory_gb, progress=True,
                                model_path=model_path, ims_path=self.dataset.ims_path)
-        self._img = self._caps = self._by_name = None
+        self._by_name = {name: i for i, name in enumerate(self.names or [])}  # unique (read_image_names)
+        self._img = self._caps = None
         self.gallery = None if index_dir is None else index.open_gallery(  # the gallery index (index.py)
             index_dir, model_path, self.model, self.dataset, self.vocab.words(), precision, self.device)
 
@@ -142,17 +143,18 @@ class Searcher:
         """{'image_name': image i's name} when the split has names, else {}."""
         return {'image_name': self.names[i]} if self.names else {}
 
-    def _pair(self, query_text: str, image_index) -> tuple:
-        """-> the query's tokens, the image and the query encoded (Sides of 1)."""
-        tokens = query_tokens(query_text, f'query {_short(query_text)}')
-        i = self.image_index(image_index)
-        return (tokens, *encode_pair(self.model, self.dataset.images, i, encode(self.vocab, tokens), self.device))
+    def _pairs(self, query_text: str, images: list) -> tuple:
+        """A text query and images (indices or names), all checked first -> the query's tokens, the query
+        encoded once and each image encoded (Sides of 1): encode.encode_pair's pairs of the query."""
+        tokens, rows = query_tokens(query_text, f'query {_short(query_text)}'), [self.image_index(i) for i in images]
+        cap = encode_captions(self.model, [encode(self.vocab, tokens)], device=self.device)[0][1]
+        return tokens, cap, [encode_images(self.model, self.dataset.images[i:i + 1], device=self.device) for i in rows]
 
     @_in_precision
     def attention(self, query_text: str, image_index) -> tuple:
         """Where each word of a text query looks in an image (index or name) -> (words, attn
         (n_words, R) float32): the t2i attention of each real word (not <start>, <end>), in order."""
-        tokens, img, cap = self._pair(query_text, image_index)
+        tokens, cap, (img,) = self._pairs(query_text, [image_index])
         return tokens, pair_attention(self.model, img, cap, self.score_args['precision'])
 
     @_in_precision
@@ -165,10 +167,16 @@ class Searcher:
         return {'results': _ranked(values[0], indices[0], lambda j: {'caption': self.dataset.raw_captions[j]})}
 
     @_in_precision
-    def predicted_labels(self, query_text: str, image_index) -> torch.Tensor:
+    def predicted_labels(self, query_text: str, images) -> torch.Tensor:
         """The labels the model predicts for a text query and an image (index or name) -> (K,)
-        probabilities: sigmoid of the head's logits for the image attended by the query."""
-        return pair_labels(self.model, *self._pair(query_text, image_index)[1:])
+        probabilities: sigmoid of the head's logits for the image attended by the query. A list of n
+        images -> (n, K), each row that image's (K,), with the query encoded once (the server's page)."""
+        one = isinstance(images, (str, int, np.integer))
+        _, cap, imgs = self._pairs(query_text, [images] if one else images)
+        if not imgs:
+            raise ValueError('no images to predict labels for')
+        probs = torch.stack([pair_labels(self.model, img, cap) for img in imgs])  # (n, K)
+        return probs[0] if one else probs
 
     def page_names(self, image_dir: str = None):
         """The split's image names checked inside image_dir (not read again) -> list, or None without
@@ -199,9 +207,9 @@ class Searcher:
             if 'query' not in res:
                 body.append(report.image_query_html(pics, res))
                 continue
-            extras = {}
-            for r in res['results'][:3]:
-                words, img, cap = self._pair(res['query'], r['index'])
+            extras, top = {}, res['results'][:3]
+            words, cap, imgs = self._pairs(res['query'], [r['index'] for r in top])
+            for r, img in zip(top, imgs):
                 attn = pair_attention(self.model, img, cap, self.score_args['precision'])
                 part = pics.heatmaps(f'q{q}_r{r["rank"]}', r['index'], words, attn, self.vocab.word2idx)
                 if self.model.head is not None:
@@ -211,21 +219,19 @@ class Searcher:
         title = f'Search: {ds.split} split, {ds.n_images} images x {len(ds.raw_captions)} captions'
         return report.write_page(os.path.join(out_dir, 'index.html'), title, body)
 
-    def image_index(self, item) -> int:
-        """An image index (int or digits) or name -> its index; ValueError naming it and the valid
-        range, or the names file."""
+    def image_index(self, item, param: str = '--image') -> int:
+        """An image index (int or digits) or name -> its index; ValueError naming it as param (the
+        flag, or the server's parameter) and the valid range, or the names file."""
         n, split, text = self.dataset.n_images, self.dataset.split, str(item).strip()
         if isinstance(item, (int, np.integer)) or re.fullmatch(r'[+-]?\d+', text):
             if not 0 <= int(text) < n:
-                raise ValueError(f'--image {text}: no such image, the {split} split has images 0..{n - 1}')
+                raise ValueError(f'{param} {text}: no such image, the {split} split has images 0..{n - 1}')
             return int(text)
         if self.names is None:
-            raise ValueError(f'--image {_short(text)}: not an image index (0..{n - 1}), and the {split} split has '
+            raise ValueError(f'{param} {_short(text)}: not an image index (0..{n - 1}), and the {split} split has '
                              f'no image names to look it up in ({self.names_path} does not exist)')
-        if self._by_name is None:
-            self._by_name = {name: i for i, name in enumerate(self.names)}  # unique (read_image_names)
         if text not in self._by_name:
-            raise ValueError(f'--image {_short(text)}: no image of that name in {self.names_path} '
+            raise ValueError(f'{param} {_short(text)}: no image of that name in {self.names_path} '
                              f'(image indices: 0..{n - 1})')
         return self._by_name[text]
 

@@ -40,12 +40,6 @@ class ApiError(Exception):
         self.status = status
 
 
-def bad(param: str, e: Exception) -> ApiError:
-    """A Searcher's ValueError ('--image 99: no such image', 'q: no words') -> a 400 naming param."""
-    msg = str(e).removeprefix('--')
-    return ApiError(400, msg if msg.startswith(param) else f'{param}: {msg}')
-
-
 class Worker:
     """Runs every model call on one thread, in arrival order (the model, its caches and the
     precision flags are never shared by two threads). Text queries waiting together are scored in
@@ -109,29 +103,30 @@ def _settle(done, fn, *args):
 
 def check_query(q: str) -> str:
     """A text query parameter -> itself; ApiError naming q when it is empty, over-long or wordless."""
-    if q is None or not q.strip():
+    if not q.strip():
         raise ApiError(400, 'q: empty query')
     try:
         query_tokens(q, 'q')
-    except ValueError as e:
-        raise bad('q', e) from None
+    except ValueError as e:  # it names q ('q: no words to search for')
+        raise ApiError(400, str(e)) from None
     return q
 
 
 def check_image(searcher, image: str) -> int:
     """An image parameter (index or name) -> its index; ApiError naming image otherwise."""
-    if image is None or not image.strip():
+    if not image.strip():
         raise ApiError(400, 'image: empty')
     try:
-        return searcher.image_index(image)
-    except ValueError as e:
-        raise bad('image', e) from None
+        return searcher.image_index(image, 'image')
+    except ValueError as e:  # it names image ('image 99: no such image, ...')
+        raise ApiError(400, str(e)) from None
 
 
-def image_file(image_dir: str, names, name: str):
+def image_file(image_dir: str, names: frozenset, name: str):
     """/images/NAME -> the file's real path, or None (-> 404) unless NAME is one of the split's
-    image names and its real path (symlinks followed) lies inside image_dir."""
-    if image_dir is None or names is None or name not in names:
+    image names (a set, or None without image_dir: one look-up, not a scan of the split's) and its
+    real path (symlinks followed) lies inside image_dir."""
+    if names is None or name not in names:
         return None
     root = os.path.realpath(image_dir)
     path = os.path.realpath(os.path.join(root, name))

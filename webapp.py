@@ -25,6 +25,7 @@ import server
 from server import K_MAX, PAGE_K, ApiError, Worker, check_image, check_query, image_file
 from vocab import query_tokens
 
+CACHED = 256  # attentions and thumbnails kept for the heat maps and /thumbs (the last used)
 UPLOAD_DOC = {'requestBody': {'required': True, 'content': {'multipart/form-data': {'schema': {
     'type': 'object', 'required': ['image'], 'properties': {'image': {'type': 'string', 'format': 'binary'}}}}}}}
 
@@ -35,11 +36,13 @@ def create_app(searcher, worker, image_dir: str = None, max_upload_mb: float = 1
     or None; info: more of what /api/health reports."""
     R = searcher.dataset.images.shape[1]
     boxes = report.read_boxes(searcher.dataset, R)
-    ctx = SimpleNamespace(searcher=searcher, worker=worker, image_dir=image_dir, photos=photos,
-                          names=searcher.page_names(image_dir), max_bytes=int(max_upload_mb * 2 ** 20),
-                          max_upload_mb=max_upload_mb, info=info or {},
+    names = searcher.page_names(image_dir)
+    ctx = SimpleNamespace(searcher=searcher, worker=worker, image_dir=image_dir, photos=photos, names=names,
+                          name_set=None if names is None else frozenset(names),  # /images/NAME: one look-up
+                          max_bytes=int(max_upload_mb * 2 ** 20), max_upload_mb=max_upload_mb, info=info or {},
                           boxes=functools.partial(report.region_boxes, boxes, R),
-                          attention=functools.lru_cache(256)(searcher.attention))  # called on the worker only
+                          attention=functools.lru_cache(CACHED)(searcher.attention))  # called on the worker only
+    ctx.thumbnail = functools.lru_cache(CACHED)(functools.partial(thumbnail, ctx))  # each file decoded once
     app = FastAPI(title='CASC search', description=__doc__, version='1')
     _errors(app)
     _api(app, ctx)
@@ -148,17 +151,17 @@ def photo_json(ctx, data: bytes, k: int) -> dict:
 def _pictures(app: FastAPI, ctx):
     @app.get('/images/{name:path}', include_in_schema=False)
     def image(name: str):
-        path = image_file(ctx.image_dir, ctx.names, name)
+        path = image_file(ctx.image_dir, ctx.name_set, name)
         if path is None:
             raise ApiError(404, f'/images/{name}: not found')
         return FileResponse(path)
 
     @app.get('/thumbs/{i}.jpg', include_in_schema=False)
     def thumb(i: int):
-        picture = thumbnail(ctx, i)
+        picture = ctx.thumbnail(i)  # shared by the threads: a copy is encoded (PIL's save sets attributes on it)
         if picture is None:
             raise ApiError(404, f'/thumbs/{i}.jpg: not found')
-        return Response(encode_picture(picture, 'JPEG'), media_type='image/jpeg')
+        return Response(encode_picture(picture.copy(), 'JPEG'), media_type='image/jpeg')
 
     @app.get('/heatmap.png', include_in_schema=False)
     def heatmap(q: str, image: str, word: int = Query(ge=1)):
@@ -166,15 +169,16 @@ def _pictures(app: FastAPI, ctx):
         words, attn = ctx.worker.call(ctx.attention, q, i)
         if word > len(words):
             raise ApiError(400, f'word: {word}, the query has {len(words)} words')
-        picture = report.heat_map(thumbnail(ctx, i), attn[word - 1].double().numpy(), ctx.boxes(i))
+        picture = report.heat_map(ctx.thumbnail(i), attn[word - 1].double().numpy(), ctx.boxes(i))
         return Response(encode_picture(picture, 'PNG'), media_type='image/png')
 
 
 def thumbnail(ctx, i: int):
-    """Image i's thumbnail (report.load_thumbnail), or None without --image_dir, names or a readable file."""
+    """Image i's thumbnail (report.load_thumbnail), or None without --image_dir, names or a readable file.
+    The routes call it through ctx.thumbnail: the last CACHED kept (the split's files taken as fixed)."""
     if ctx.names is None or not 0 <= i < len(ctx.names):
         return None
-    path = image_file(ctx.image_dir, ctx.names, ctx.names[i])
+    path = image_file(ctx.image_dir, ctx.name_set, ctx.names[i])
     return None if path is None else report.load_thumbnail(path)
 
 
@@ -221,11 +225,12 @@ def attention_html(ctx, q: str, i: int) -> str:
 
 def text_section(ctx, res: dict) -> str:
     """A text query's results: thumbnails, scores, captions, predicted labels, heat maps on demand."""
-    s, ds = ctx.searcher, ctx.searcher.dataset
+    s, ds, rows = ctx.searcher, ctx.searcher.dataset, res['results']
+    probs = (None if s.model.head is None else  # (n, K): one model call, the query encoded once
+             ctx.worker.call(s.predicted_labels, res['query'], [r['index'] for r in rows]))
     extras = {}
-    for r in res['results']:
-        labels = ('' if s.model.head is None else
-                  report.labels_html(ctx.worker.call(s.predicted_labels, res['query'], r['index']), s.labels))
+    for n, r in enumerate(rows):
+        labels = '' if probs is None else report.labels_html(probs[n], s.labels)
         extras[r['rank']] = labels + attention_html(ctx, res['query'], r['index'])
     captions = lambda i: ds.raw_captions[i * ds.im_div:(i + 1) * ds.im_div]  # noqa: E731
     return report.text_query_html(Thumbs(ctx), res, captions, 'Query', extras)

@@ -289,6 +289,20 @@ def test_bad_image_indices_and_names_are_refused_naming_the_range_or_file(world,
     assert "'nosuch.jpg'" in msg and dup_names in msg and 'no image of that name' in msg and '0..29' in msg
 
 
+def test_image_index_names_the_parameter_it_is_given(searcher, dup):
+    """The command line's --image (the default) or the server's image: no rewriting of messages after."""
+    for param in ('--image', 'image'):
+        for bad, says in ((30, '30: no such image, the test split has images 0..29'),
+                          ('1003.jpg', "'1003.jpg': not an image index (0..29)")):
+            with pytest.raises(ValueError) as e:
+                searcher.image_index(bad, param)
+            assert str(e.value).startswith(f'{param} {says}'), e.value
+    with pytest.raises(ValueError, match='^--image -1: no such image'):
+        searcher.image_index('-1')
+    with pytest.raises(ValueError, match="^image 'nosuch.jpg': no image of that name in"):
+        dup.image_index('nosuch.jpg', 'image')
+
+
 @pytest.fixture
 def bad_names(world):
     """write(lines) -> the 'bad' split: the test split's images and captions with these image names."""
@@ -501,6 +515,19 @@ def label_probs(api, query: str, i: int) -> torch.Tensor:
     _, img, cap = encoded_pair(api, query, i)
     with torch.inference_mode():
         return torch.sigmoid(api.model.scores(img, cap, alpha=0.0).logits_img[0, 0])
+
+
+def test_labels_of_many_images_are_each_images_with_the_query_encoded_once(dup, monkeypatch):
+    query, images = 'a red dog and a blue cat', [3, '1007.jpg', 0, 29, 3]  # dup has names: 1007.jpg is image 7
+    encoded, encode_captions = [], search.encode_captions
+    monkeypatch.setattr(search, 'encode_captions', lambda *a, **kw: encoded.append(a) or encode_captions(*a, **kw))
+    probs = dup.predicted_labels(query, images)
+    assert len(encoded) == 1 and probs.shape == (5, dup.model.cfg.num_labels) and probs.dtype == torch.float32
+    for row, i in zip(probs, [3, 7, 0, 29, 3]):
+        assert torch.equal(row, dup.predicted_labels(query, i)) and torch.equal(row, label_probs(dup, query, i))
+    for bad, says in (([], 'no images'), ([1, 30], '--image 30: no such image')):
+        with pytest.raises(ValueError, match=says):
+            dup.predicted_labels(query, bad)
 
 
 @pytest.mark.parametrize('split, pictures, boxes', [('test', False, False), ('test', False, True),

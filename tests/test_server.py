@@ -2,7 +2,9 @@
 port), asked over real HTTP: the API equals search.py --json, 32 requests from 8 threads are all
 right, every bad request is a 4xx naming its parameter (and the server goes on), /images/ escapes
 are 404, the page links a query, uploads go through features.py's extractor with the gallery's
-settings, Ctrl-C stops it with one line. Random-weight checkpoints on toy data: nothing trains."""
+settings, Ctrl-C stops it with one line. And webapp's app in this process: a page's labels in one model
+call, thumbnails decoded once, /images/ names looked up in a set, the image parameter named as the API
+spells it. Random-weight checkpoints on toy data: nothing trains."""
 import concurrent.futures
 import io
 import json
@@ -21,8 +23,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import report
 import search
 import server
+import webapp
 from conftest import ROOT
 from test_index import random_checkpoint, toy_world
 
@@ -210,6 +214,90 @@ def test_ctrl_c_stops_the_server_with_one_line(world):
     assert srv.get('/api/health')[0] == 200
     code, err = srv.stop()
     assert (code, err) == (0, 'server stopped\n')
+
+
+# ---------------------------------------------------------------------------------------------
+# webapp's app in this process, its route functions called directly (there is no HTTP client library
+# here): the model calls a page makes, the pictures decoded once, the names looked up in a set.
+
+class Calls:
+    """server.Worker's stand-in: each call run at once on the caller's thread, its function's name kept."""
+
+    def __init__(self, searcher):
+        self.searcher, self.calls = searcher, []
+
+    def text(self, query: str, k: int) -> dict:
+        return self.searcher.text([query], k)[0]
+
+    def call(self, fn, *args):
+        self.calls.append(fn.__name__)
+        return fn(*args)
+
+
+@pytest.fixture(scope='module')
+def searcher(world):
+    root, data, ckpt, _ = world
+    return search.Searcher(ckpt, data, 'test', device='cpu')
+
+
+@pytest.fixture
+def app(world, searcher):
+    """A fresh app (empty caches) on the world's split and pictures -> (app, its Calls)."""
+    worker = Calls(searcher)
+    return webapp.create_app(searcher, worker, str(world[0] / 'images')), worker
+
+
+def route(app, path: str):
+    """The function of app's GET route `path`."""
+    return next(r.endpoint for r in app.routes if getattr(r, 'path', None) == path and 'GET' in r.methods)
+
+
+def test_a_page_asks_the_model_thread_once_for_the_labels_of_all_its_images(app, searcher):
+    app, worker = app
+    page = route(app, '/')(q='a red dog', image=None).body.decode()
+    assert worker.calls == ['predicted_labels']  # one call for the 10 images, not one each
+    results = searcher.text(['a red dog'], 10)[0]['results']
+    for r in results:  # the numbers of a call per image
+        assert report.labels_html(searcher.predicted_labels('a red dog', r['index']), searcher.labels) in page
+    assert page.count('Predicted labels') == len(results) == 10
+
+
+def test_thumbnails_are_decoded_once_for_thumbs_and_heat_maps(app, world, monkeypatch):
+    (app, _), path = app, os.path.realpath(world[0] / 'images' / 'img005.jpg')
+    decoded, load = [], report.load_thumbnail
+    monkeypatch.setattr(report, 'load_thumbnail', lambda path: decoded.append(path) or load(path))
+    thumb, heatmap = route(app, '/thumbs/{i}.jpg'), route(app, '/heatmap.png')
+    first, again = thumb(5).body, thumb(5).body
+    maps = [heatmap(q='a red dog', image=image, word=w).body for image, w in (('5', 1), ('img005.jpg', 3), ('5', 1))]
+    assert decoded == [path] and first == again == webapp.encode_picture(load(path), 'JPEG') and maps[0] == maps[2]
+    thumb(6)
+    assert len(decoded) == 2
+
+
+class NoScan(list):
+    def __contains__(self, name):
+        raise AssertionError(f'{name!r} looked for in a scan of the split\'s names')
+
+
+def test_images_are_looked_up_in_a_set_of_the_split_names(world, searcher, monkeypatch):
+    root, names = world[0], searcher.page_names(str(world[0] / 'images'))
+    monkeypatch.setattr(searcher, 'page_names', lambda image_dir: NoScan(names))
+    image = route(webapp.create_app(searcher, Calls(searcher), str(root / 'images')), '/images/{name:path}')
+    assert image('img002.jpg').path == os.path.realpath(root / 'images' / 'img002.jpg')
+    for name in ('link.jpg', '../a.pth.tar', 'nosuch.jpg', 'img002.jpg/'):
+        with pytest.raises(server.ApiError, match='not found'):
+            image(name)
+    inside = frozenset(names) | {'link.jpg'}  # a name of the split whose file is a link out of image_dir
+    assert server.image_file(str(root / 'images'), inside, 'link.jpg') is None
+    assert server.image_file(None, None, 'img002.jpg') is None
+
+
+def test_the_server_names_the_image_parameter_as_it_is_spelled_there(searcher):
+    for image, says in (('30', 'image 30: no such image, the test split has images 0..29'),
+                        ('nosuch.jpg', "image 'nosuch.jpg': no image of that name in ")):
+        with pytest.raises(server.ApiError) as e:
+            server.check_image(searcher, image)
+        assert e.value.status == 400 and str(e.value).startswith(says), e.value
 
 
 @pytest.fixture(scope='module')
