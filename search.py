@@ -38,7 +38,7 @@ from explain import pair_attention, pair_labels
 from image_names import check_image_names, read_image_names
 from engine import PRECISIONS, Side
 from scoring import top_captions, top_images
-from vocab import encode, query_tokens
+from vocab import encode, query_tokens, read_queries
 
 # Text queries are encoded and scored in batches of this many, sorted by length: small batches pad less (100 queries
 # of Flickr30K's caption lengths, 1,000 images, the 2-core dev VM: 14k pairs/s in batches of 128, 21k in batches of 16).
@@ -254,19 +254,6 @@ def _check_k(k) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
-
-def read_queries(path: str) -> list:
-    """--queries FILE (UTF-8): one text query per line, blank lines skipped, each checked; ValueError
-    naming the file and line of one that is not UTF-8 or not a query."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'--queries {path}: file not found')
-    lines = [(n, q) for n, q in util.read_text_lines(path) if q]
-    if not lines:
-        raise ValueError(f'--queries {path}: no queries in it')
-    for n, q in lines:
-        query_tokens(q, f'{path}: line {n}')
-    return [q for _, q in lines]
-
 
 def table(res: dict) -> str:
     """One query's results as a text table: rank, score, image index and name, or caption index,

@@ -1,5 +1,5 @@
-"""SCAN-compatible vocabulary (and the file --vocab_path names), caption files, and the project's one
-tokenizer.
+"""SCAN-compatible vocabulary (and the file --vocab_path names), caption and query files, and the
+project's one tokenizer.
 
     python vocab.py --data_path DATA --data_name f30k_precomp [--vocab_path vocab] [--threshold 4]
 
@@ -122,6 +122,19 @@ def query_tokens(query: str, where: str) -> list:
     if not any(ch.isalnum() for t in tokens for ch in t):
         raise ValueError(f'{where}: no words to search for')
     return tokens
+
+
+def read_queries(path: str) -> list:
+    """--queries FILE (UTF-8): one text query per line, blank lines skipped, each checked; ValueError
+    naming the file and line of one that is not UTF-8 or not a query."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--queries {path}: file not found')
+    lines = [(n, q) for n, q in util.read_text_lines(path) if q]
+    if not lines:
+        raise ValueError(f'--queries {path}: no queries in it')
+    for n, q in lines:
+        query_tokens(q, f'{path}: line {n}')
+    return [q for _, q in lines]
 
 
 def read_captions(path: str) -> list:
