@@ -101,6 +101,10 @@ class PrecompDataset(Dataset):
         self.captions = [encode(vocab, t) for t in self.tokens]
         self.targets = None if labels is None else image_targets(self.tokens, labels, self.im_div)
 
+    def image_captions(self, i: int) -> list:
+        """Image i's captions, as written in the captions file (im_div of them)."""
+        return self.raw_captions[i * self.im_div:(i + 1) * self.im_div]
+
     def __len__(self):
         return len(self.captions)
 

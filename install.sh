@@ -18,3 +18,6 @@ if ! $PY -c 'from torchvision.ops import nms' 2>/dev/null; then
   fi
 fi
 $PY -m pip install -q -r requirements.txt "$@"
+# The CPU's fused scoring kernel (fused.cpp): built here, once per source, compiler and CPU, into
+# ~/.cache/casc, instead of in the first evaluation; without a C++ compiler scoring runs the eager code.
+$PY -c 'import fused, sys; fused.library() or print("install: no fused CPU kernel (no C++ compiler?): scoring runs the eager code", file=sys.stderr)'

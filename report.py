@@ -309,7 +309,7 @@ def examples_page(dataset, sims: torch.Tensor, image_queries: list, text_queries
             {'rank': r, 'index': i, 'score': sims[i, j].item(), **named(i), 'correct': i == j // im_div}
             for r, i in enumerate(top, 1)]}
         extras = {1: pics.heatmaps(f's{q}_r1', top[0], dataset.tokens[j], attn, known)}
-        body.append(text_query_html(pics, res, lambda i: caps[i * im_div:(i + 1) * im_div], f'Sentence {j}', extras))
+        body.append(text_query_html(pics, res, dataset.image_captions, f'Sentence {j}', extras))
     title = f'Retrieval examples: {dataset.split} split, {n_img} images x {n_cap} captions'
     return write_page(os.path.join(out_dir, 'examples.html'), title, body)
 

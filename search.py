@@ -119,7 +119,7 @@ class Searcher:
                       flush=True)
         encoded = encode_captions(self.model, [encode(self.vocab, t) for t in tokens], QUERY_BATCH, self.device)
         values, indices = top_images(self.model, self.gallery_images(), encoded, k, **self.score_args)
-        return [{'query': q, 'results': _ranked(v, ind, self._name)} for q, v, ind in zip(queries, values, indices)]
+        return [{'query': q, 'results': _ranked(v, ind, self.name_entry)} for q, v, ind in zip(queries, values, indices)]
 
     @_in_precision
     def image(self, images, k: int = 10) -> list:
@@ -135,11 +135,11 @@ class Searcher:
         query = encode_images(self.model, self.dataset.images[rows], device=self.device)
         values, indices = top_captions(self.model, query, self.gallery_captions(), k, rows=rows, **self.score_args)
         ds = self.dataset
-        return [{'image': i, **self._name(i), 'results': _ranked(v, ind, lambda j, i=i: {
+        return [{'image': i, **self.name_entry(i), 'results': _ranked(v, ind, lambda j, i=i: {
                     'caption': ds.raw_captions[j], 'correct': j // ds.im_div == i})}
                 for i, v, ind in zip(rows, values, indices)]
 
-    def _name(self, i: int) -> dict:
+    def name_entry(self, i: int) -> dict:
         """{'image_name': image i's name} when the split has names, else {}."""
         return {'image_name': self.names[i]} if self.names else {}
 
@@ -201,7 +201,6 @@ class Searcher:
         report.check_out(out_dir, 'index.html', overwrite)
         ds, R = self.dataset, self.dataset.images.shape[1]
         pics = report.Pictures(out_dir, self.page_names(image_dir), image_dir, report.read_boxes(ds, R), R)
-        captions = lambda i: ds.raw_captions[i * ds.im_div:(i + 1) * ds.im_div]  # noqa: E731
         body = []
         for q, res in enumerate(results):
             if 'query' not in res:
@@ -215,9 +214,14 @@ class Searcher:
                 if self.model.head is not None:
                     part += report.labels_html(pair_labels(self.model, img, cap), self.labels)
                 extras[r['rank']] = part
-            body.append(report.text_query_html(pics, res, captions, 'Query', extras))
-        title = f'Search: {ds.split} split, {ds.n_images} images x {len(ds.raw_captions)} captions'
-        return report.write_page(os.path.join(out_dir, 'index.html'), title, body)
+            body.append(report.text_query_html(pics, res, ds.image_captions, 'Query', extras))
+        return report.write_page(os.path.join(out_dir, 'index.html'), self.title, body)
+
+    @property
+    def title(self) -> str:
+        """The pages' title: the split searched."""
+        ds = self.dataset
+        return f'Search: {ds.split} split, {ds.n_images} images x {len(ds.raw_captions)} captions'
 
     def image_index(self, item, param: str = '--image') -> int:
         """An image index (int or digits) or name -> its index; ValueError naming it as param (the

@@ -88,8 +88,7 @@ def _api(app: FastAPI, ctx):
     def api_attention(q: str, image: str) -> dict:
         i, q = check_image(ctx.searcher, image), check_query(q)
         words, attn = ctx.worker.call(ctx.attention, q, i)
-        name = {'image_name': ctx.searcher.names[i]} if ctx.searcher.names else {}
-        return {'query': q, 'image': i, **name, 'words': words, 'attention': attn.tolist(),
+        return {'query': q, 'image': i, **ctx.searcher.name_entry(i), 'words': words, 'attention': attn.tolist(),
                 'boxes': ctx.boxes(i).tolist()}
 
     @app.get('/api/health', summary='model, split, gallery size, device')
@@ -225,15 +224,14 @@ def attention_html(ctx, q: str, i: int) -> str:
 
 def text_section(ctx, res: dict) -> str:
     """A text query's results: thumbnails, scores, captions, predicted labels, heat maps on demand."""
-    s, ds, rows = ctx.searcher, ctx.searcher.dataset, res['results']
+    s, rows = ctx.searcher, res['results']
     probs = (None if s.model.head is None else  # (n, K): one model call, the query encoded once
              ctx.worker.call(s.predicted_labels, res['query'], [r['index'] for r in rows]))
     extras = {}
     for n, r in enumerate(rows):
         labels = '' if probs is None else report.labels_html(probs[n], s.labels)
         extras[r['rank']] = labels + attention_html(ctx, res['query'], r['index'])
-    captions = lambda i: ds.raw_captions[i * ds.im_div:(i + 1) * ds.im_div]  # noqa: E731
-    return report.text_query_html(Thumbs(ctx), res, captions, 'Query', extras)
+    return report.text_query_html(Thumbs(ctx), res, s.dataset.image_captions, 'Query', extras)
 
 
 def photo_section(res: dict, data: bytes) -> str:
@@ -244,9 +242,7 @@ def photo_section(res: dict, data: bytes) -> str:
 
 
 def render(ctx, q: str, sections, status: int = 200) -> HTMLResponse:
-    ds = ctx.searcher.dataset
-    title = f'Search: {ds.split} split, {ds.n_images} images x {len(ds.raw_captions)} captions'
-    return HTMLResponse(report.document(title, [forms_html(q), *sections], report.SERVER_CSP), status)
+    return HTMLResponse(report.document(ctx.searcher.title, [forms_html(q), *sections], report.SERVER_CSP), status)
 
 
 def _page(app: FastAPI, ctx):
