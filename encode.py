@@ -21,18 +21,25 @@ def encode_images(model: CASC, images, batch_size: int = 256, device='cpu') -> S
 
 
 @torch.inference_mode()
-def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='cpu', progress: bool = False,
-                    log=None) -> list:
-    """captions: lists of word ids -> [(caption indices (n,), Side)], batches of similar length
-    (sorted longest first), so each batch is padded only to its own longest caption."""
+def caption_batches(model: CASC, captions: list, batch_size: int = 128, device='cpu'):
+    """captions: lists of word ids -> yields (caption indices (n,), Side) batches of similar length
+    (sorted longest first), so each batch is padded only to its own longest caption; one batch in
+    memory at a time (index.py writes them to disk as they come)."""
     order = sorted(range(len(captions)), key=lambda k: -len(captions[k]))
-    out = []
-    bar = util.progress(total=len(captions), desc='encoding captions', unit='cap', log=log, enabled=progress,
-                        leave=False)
     for j0 in range(0, len(order), batch_size):
         idx = order[j0:j0 + batch_size]
         ids, lengths = pad_captions([captions[k] for k in idx])
-        out.append((torch.tensor(idx), model.encode_captions(ids.to(device), lengths.to(device))))
+        yield torch.tensor(idx), model.encode_captions(ids.to(device), lengths.to(device))
+
+
+def encode_captions(model: CASC, captions: list, batch_size: int = 128, device='cpu', progress: bool = False,
+                    log=None) -> list:
+    """captions: lists of word ids -> [(caption indices (n,), Side)], all of caption_batches's batches."""
+    out = []
+    bar = util.progress(total=len(captions), desc='encoding captions', unit='cap', log=log, enabled=progress,
+                        leave=False)
+    for idx, side in caption_batches(model, captions, batch_size, device):
+        out.append((idx, side))
         bar.update(len(idx))
     bar.close()
     return out

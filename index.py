@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import util
-from encode import encode_captions, encode_images
+from encode import caption_batches, encode_images
 from engine import Side
 
 FORMAT = 1  # bump when the layout changes: older indexes are then rebuilt
@@ -171,17 +171,14 @@ def build_images(model, dataset, folder: str, device) -> dict:
 
 
 def build_captions(model, dataset, folder: str, device) -> dict:
-    """Encode the split's captions into folder in encode_captions's batches (longest first, the same
-    batches Searcher encodes in memory) -> the side's meta (batches with their offsets, dims)."""
+    """Encode the split's captions into folder in encode.caption_batches's batches (longest first,
+    the same batches Searcher encodes in memory) -> the side's meta (batches with their offsets, dims)."""
     caps = dataset.captions
-    order = sorted(range(len(caps)), key=lambda k: -len(caps[k]))  # as encode.encode_captions
     files = _open_files(folder, ('idx', 'lens') + (FIELDS if model.head is not None else FIELDS[:3]))
     at, batches = dict.fromkeys(('idx', 'lens') + FIELDS, 0), []
     with util.progress(total=len(caps), desc='indexing captions', unit='cap') as bar:
-        for j0 in range(0, len(order), CAPTION_BATCH):
-            idx = torch.tensor(order[j0:j0 + CAPTION_BATCH])
-            (_, side), = encode_captions(model, [caps[k] for k in idx.tolist()], CAPTION_BATCH, device)
-            n, L = side.mask.shape  # (n, L): already sorted, so the batch keeps idx's order
+        for idx, side in caption_batches(model, caps, CAPTION_BATCH, device):
+            n, L = side.mask.shape  # (n, L)
             lens = side.mask.sum(1)
             _append(files, side, idx=idx, lens=lens)
             batches.append({'n': n, 'L': L, 'at': dict(at)})
