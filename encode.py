@@ -1,6 +1,6 @@
 """Encode a split once for all its pairs: region features and captions -> prepared Sides
-(model.prepare), in batches; one image and one caption (encode_pair). Used by evaluation, search,
-the index, explain.py and bench.py."""
+(model.prepare), in batches; a caption with some images (encode_pairs, encode_pair). Used by
+evaluation, search, the index, explain.py and bench.py."""
 import numpy as np
 import torch
 
@@ -50,9 +50,15 @@ def images_slice(img: Side, i0: int, i1: int) -> Side:
     return Side(*(None if t is None else t[i0:i1] for t in img))
 
 
-def encode_pair(model: CASC, images, i: int, caption: list, device='cpu') -> tuple:
-    """Image i of an (n_img, R, img_dim) array and one caption (a list of word ids) -> (img, cap),
-    Sides of 1: what the pages show about one pair is computed from these (explain.py)."""
-    img = encode_images(model, images[i:i + 1], device=device)
+def encode_pairs(model: CASC, images, rows: list, caption: list, device='cpu') -> tuple:
+    """Images `rows` of an (n_img, R, img_dim) array and one caption (a list of word ids) -> (cap,
+    [img per row]), Sides of 1, the caption encoded once: what the pages show about a caption's pairs
+    is computed from these (explain.py)."""
     cap = encode_captions(model, [caption], device=device)[0][1]
+    return cap, [encode_images(model, images[i:i + 1], device=device) for i in rows]
+
+
+def encode_pair(model: CASC, images, i: int, caption: list, device='cpu') -> tuple:
+    """Image i and one caption -> (img, cap), Sides of 1 (encode_pairs of one image)."""
+    cap, (img,) = encode_pairs(model, images, [i], caption, device)
     return img, cap

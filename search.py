@@ -32,7 +32,7 @@ import index
 import report
 from checkpoint import load_model, model_vocab
 from data import PrecompDataset
-from encode import encode_captions, encode_images
+from encode import encode_captions, encode_images, encode_pairs
 from evaluation import add_scoring_flags, check_memory_budget, check_model_fits
 from explain import pair_attention, pair_labels
 from image_names import check_image_names, read_image_names
@@ -145,10 +145,9 @@ class Searcher:
 
     def _pairs(self, query_text: str, images: list) -> tuple:
         """A text query and images (indices or names), all checked first -> the query's tokens, the query
-        encoded once and each image encoded (Sides of 1): encode.encode_pair's pairs of the query."""
+        encoded once and each image encoded (Sides of 1: encode.encode_pairs)."""
         tokens, rows = query_tokens(query_text, f'query {_short(query_text)}'), [self.image_index(i) for i in images]
-        cap = encode_captions(self.model, [encode(self.vocab, tokens)], device=self.device)[0][1]
-        return tokens, cap, [encode_images(self.model, self.dataset.images[i:i + 1], device=self.device) for i in rows]
+        return (tokens, *encode_pairs(self.model, self.dataset.images, rows, encode(self.vocab, tokens), self.device))
 
     @_in_precision
     def attention(self, query_text: str, image_index) -> tuple:

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import encode
 import evaluation
 import labels as labels_lib
 import model as model_lib
@@ -519,8 +520,8 @@ def label_probs(api, query: str, i: int) -> torch.Tensor:
 
 def test_labels_of_many_images_are_each_images_with_the_query_encoded_once(dup, monkeypatch):
     query, images = 'a red dog and a blue cat', [3, '1007.jpg', 0, 29, 3]  # dup has names: 1007.jpg is image 7
-    encoded, encode_captions = [], search.encode_captions
-    monkeypatch.setattr(search, 'encode_captions', lambda *a, **kw: encoded.append(a) or encode_captions(*a, **kw))
+    encoded, encode_captions = [], encode.encode_captions  # encode.encode_pairs encodes the query
+    monkeypatch.setattr(encode, 'encode_captions', lambda *a, **kw: encoded.append(a) or encode_captions(*a, **kw))
     probs = dup.predicted_labels(query, images)
     assert len(encoded) == 1 and probs.shape == (5, dup.model.cfg.num_labels) and probs.dtype == torch.float32
     for row, i in zip(probs, [3, 7, 0, 29, 3]):
