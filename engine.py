@@ -112,12 +112,18 @@ def label_similarity(logits_img: Tensor, logits_txt: Tensor) -> Tensor:
     return torch.linalg.vecdot(p, q) / norms.clamp_min(EPS)
 
 
+def _memory_order(x: Tensor) -> tuple:
+    """x (n_img, n_cap, H), or a pair-axes-transposed view of caption-major memory -> (x in its memory's
+    order, whether the pair axes were swapped): the head's pair-wise steps run on it in place."""
+    swap = x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous()
+    return (x.transpose(0, 1) if swap else x), swap
+
+
 def head_hidden(h: Tensor, b1: Tensor) -> Tensor:
     """The label head's hidden layer tanh(h + b1) from first-layer products without the bias,
     h = W1 x (..., H). A pair-axes-transposed view (n_img, n_cap, H) of caption-major memory is
     computed in place and returned as the same view."""
-    swap = h.dim() == 3 and not h.is_contiguous() and h.transpose(0, 1).is_contiguous()
-    h = h.transpose(0, 1) if swap else h
+    h, swap = _memory_order(h)
     if fused.plain(h, b1) and h.is_contiguous() and h.size(-1) % 8 == 0:
         hidden = fused.bias_tanh(h, b1)  # one pass instead of two; ATen's tanh is slow on the CPU
     else:
@@ -128,8 +134,7 @@ def head_hidden(h: Tensor, b1: Tensor) -> Tensor:
 def head_logits(hidden: Tensor, w2: Tensor, b2: Tensor, precision: str = 'fp32') -> Tensor:
     """The label head's second layer W2 hidden + b2: (..., H) -> (..., K) logits, one GEMM over all
     pairs (a transposed view as in head_hidden). bf16: from bfloat16 inputs, as region_word_product."""
-    swap = hidden.dim() == 3 and not hidden.is_contiguous() and hidden.transpose(0, 1).is_contiguous()
-    hidden = hidden.transpose(0, 1) if swap else hidden
+    hidden, swap = _memory_order(hidden)
     flat = hidden.flatten(0, -2)  # (pairs, H): one GEMM, its bias fused in addmm
     if precision == 'bf16':
         logits = (flat.bfloat16() @ w2.bfloat16().T).to(hidden.dtype) + b2
