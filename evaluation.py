@@ -261,8 +261,10 @@ def main(argv=None):
     args = vars(parse_args(argv))
     with util.one_line_errors():
         try:
-            return evalrank(args.pop('model_path'), args.pop('data_path'), args.pop('split'), args.pop('fold5'),
-                            **args)
+            result = evalrank(args.pop('model_path'), args.pop('data_path'), args.pop('split'), args.pop('fold5'),
+                              **args)
+            parallel.stop(finished=True)
+            return result
         except (OSError, ValueError) as e:
             raise ValueError(parallel.error_line(e)) from None
         finally:

@@ -321,6 +321,7 @@ def main(argv=None):
     with util.one_line_errors(on_interrupt=interrupted):
         try:
             state = run(args, saved)
+            parallel.stop(finished=True)
         except (OSError, ValueError, FloatingPointError) as e:
             close_logging(f'error: {e}')
             raise ValueError(parallel.error_line(e)) from None
