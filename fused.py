@@ -109,14 +109,16 @@ def _ptr(t):
 
 def cross_attention(s_rw: Tensor, img, cap, *, raw_feature_norm: str, lambda_t2i: float, lambda_i2t: float,
                     t2i_agg: str, i2t_agg: str, lambda_lse: float, b1: Tensor = None) -> tuple:
-    """s_rw (n_img * R, n_cap * L) float32 region-word products of the prepared Sides img, cap ->
+    """s_rw (n_img * R, n_cap * L) float32 region-word products (rows of any stride) of the prepared Sides img, cap ->
     s_t2i, s_i2t (n_img, n_cap); when both Sides carry the label head's projections (Side.proj),
     h_img, h_txt (n_img, n_cap, H): the head's first layer W1 u of each pair's pooled contexts
     (u_img the mean over real words of the t2i attended regions, u_txt the mean over regions of the
     i2t attended words), or given b1 (H,) the hidden layers tanh(W1 u + b1); else None, None."""
     n_img, R, _ = img.emb.shape
     n_cap, L = cap.mask.shape
-    s_rw, lens = s_rw.contiguous(), cap.mask.sum(1, dtype=torch.int32)
+    if s_rw.stride(1) != 1 or s_rw.stride(0) < n_cap * L:
+        s_rw = s_rw.contiguous()  # rows may be padded (engine.GEMM_LANES): the kernel takes their stride
+    lens = cap.mask.sum(1, dtype=torch.int32)
     img_norm, img_gram, cap_norm, cap_gram = (t.contiguous() for t in (img.norm, img.gram, cap.norm, cap.gram))
     s_t2i, s_i2t = torch.empty(n_img, n_cap), torch.empty(n_img, n_cap)
     head = img.proj is not None and cap.proj is not None
@@ -126,7 +128,7 @@ def cross_attention(s_rw: Tensor, img, cap, *, raw_feature_norm: str, lambda_t2i
     b1 = b1.contiguous() if head and b1 is not None else None
     kind, clipped = NORMS[raw_feature_norm]
     library().casc_cross_attention(
-        _ptr(s_rw), n_cap * L, n_img, R, n_cap, L, _ptr(lens), _ptr(img_norm), _ptr(img_gram), _ptr(cap_norm),
+        _ptr(s_rw), s_rw.stride(0), n_img, R, n_cap, L, _ptr(lens), _ptr(img_norm), _ptr(img_gram), _ptr(cap_norm),
         _ptr(cap_gram), kind, clipped, lambda_t2i, lambda_i2t, AGGS[t2i_agg], AGGS[i2t_agg], lambda_lse,
         _ptr(img_proj), _ptr(cap_proj), _ptr(b1), H, _ptr(s_t2i), _ptr(s_i2t), _ptr(h_img), _ptr(h_txt),
         torch.get_num_threads())
