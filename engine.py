@@ -36,9 +36,9 @@ EPS = 1e-8
 REGION_AXIS, WORD_AXIS = 1, 3
 NORMS = ('clipped_l2norm', 'l2norm', 'clipped_l1norm', 'l1norm', 'clipped', 'softmax', 'no_norm')
 AGGS = ('Mean', 'Max', 'Sum', 'LogSumExp')
-# On the CPU both large GEMMs write rows padded to a multiple of this many floats (zero rows appended
-# to the right-hand operand; a view keeps the real columns): on the dev VM (AVX2, MKL) a row of 3750
-# products ran at 99-104 GFLOP/s, of 3752 or 3760 at 131-137; the head's 500 logits at 147, 512 at 169.
+# On the CPU both large GEMMs write their rows padded to a multiple of this many floats (padded_rows):
+# on the dev VM (AVX2, MKL) 1080 x 3750 products ran at 96-104 GFLOP/s into rows of 3750 floats, at
+# 122 into rows of 3760; the head's 500 logits at 107-147 into rows of 500, 116-169 into rows of 512.
 GEMM_LANES = 16
 PRECISIONS = ('fp32', 'tf32', 'bf16')  # of the large products (region_word_product, head_logits)
 PRECISION_HELP = ('fp32: exact; bf16: the region-word product and the label head\'s second layer from bfloat16 '
@@ -143,11 +143,8 @@ def head_logits(hidden: Tensor, w2: Tensor, b2: Tensor, precision: str = 'fp32')
     if precision == 'bf16':
         logits = (flat.bfloat16() @ w2.bfloat16().T).to(hidden.dtype) + b2
     else:
-        K = w2.size(0)
-        pad = -K % GEMM_LANES if fused.plain(flat, w2, b2) else 0
-        if pad:  # zero rows: the GEMM's output width a multiple of its vector width, the first K columns kept
-            w2, b2 = F.pad(w2, (0, 0, 0, pad)), F.pad(b2, (0, pad))
-        logits = torch.addmm(b2, flat, w2.T)[:, :K]
+        out = padded_rows(flat.size(0), w2.size(0)) if fused.plain(flat, w2, b2) else None
+        logits = torch.addmm(b2, flat, w2.T, out=out)
     logits = logits.view(*hidden.shape[:-1], -1)
     return logits.transpose(0, 1) if swap else logits
 
@@ -158,15 +155,20 @@ def head_from_hidden(h: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, precision: s
     return head_logits(head_hidden(h, b1), w2, b2, precision)
 
 
+def padded_rows(m: int, n: int, lanes: int = GEMM_LANES) -> Tensor:
+    """An uninitialized float32 (m, n) view of rows padded to a multiple of `lanes` floats, for a
+    GEMM's out=: BLAS writes rows of any stride, no copy."""
+    return torch.empty(m, n + -n % lanes)[:, :n]
+
+
 def region_word_product(a: Tensor, b: Tensor, precision: str = 'fp32', lanes: int = 1) -> Tensor:
     """a (M, d) @ b (N, d)^T, the one large product, in `precision`: fp32 (exact), bf16 (inputs
     rounded to bfloat16, float32 result) or tf32 (inputs rounded to TF32's 10-bit mantissa). On
     CUDA, tf32 means the tensor cores, switched on once at start-up (util.set_precision) for
     every float32 product; elsewhere this product's TF32 rounding is emulated here. lanes > 1: a
     (M, N) view of rows padded to a multiple of `lanes` (GEMM_LANES), for fp32 on the CPU."""
-    pad = -b.size(0) % lanes if precision == 'fp32' and fused.plain(a, b) else 0
-    if pad:
-        return (a @ F.pad(b, (0, 0, 0, pad)).T)[:, :b.size(0)]
+    if lanes > 1 and precision == 'fp32' and fused.plain(a, b):
+        return torch.mm(a, b.T, out=padded_rows(a.size(0), b.size(0), lanes))
     if precision == 'bf16':
         return (a.bfloat16() @ b.bfloat16().T).to(a.dtype)
     if precision == 'tf32' and not a.is_cuda:  # round to nearest on the 13 mantissa bits that TF32 drops
