@@ -110,10 +110,11 @@ def _ptr(t):
 def cross_attention(s_rw: Tensor, img, cap, *, raw_feature_norm: str, lambda_t2i: float, lambda_i2t: float,
                     t2i_agg: str, i2t_agg: str, lambda_lse: float, b1: Tensor = None) -> tuple:
     """s_rw (n_img * R, n_cap * L) float32 region-word products (rows of any stride, engine.padded_rows)
-    of the prepared Sides img, cap -> s_t2i, s_i2t (n_img, n_cap); when both Sides carry the label head's projections (Side.proj),
-    h_img, h_txt (n_img, n_cap, H): the head's first layer W1 u of each pair's pooled contexts
-    (u_img the mean over real words of the t2i attended regions, u_txt the mean over regions of the
-    i2t attended words), or given b1 (H,) the hidden layers tanh(W1 u + b1); else None, None."""
+    of the prepared Sides img, cap -> s_t2i, s_i2t (n_img, n_cap); when both Sides carry the label
+    head's projections (Side.proj), h_img, h_txt (n_img, n_cap, H): the head's first layer W1 u of
+    each pair's pooled contexts (u_img the mean over real words of the t2i attended regions, u_txt the
+    mean over regions of the i2t attended words), or given b1 (H,) the hidden layers tanh(W1 u + b1);
+    else None, None."""
     n_img, R, _ = img.emb.shape
     n_cap, L = cap.mask.shape
     if s_rw.stride(1) != 1 or s_rw.stride(0) < n_cap * L:
