@@ -77,6 +77,16 @@ def build_detector(weights: str, seed: int, size: int) -> nn.Module:
                         '--detector_weights').eval()
 
 
+def build_models(settings: dict, device) -> tuple:
+    """The extractor that settings name (features.py's flags as a dict, or its record's settings:
+    weights, seed, regions, detector_weights, detector_size) -> (trunk, detector or None for grid
+    regions), on device."""
+    trunk = build_trunk(settings['weights'], settings['seed']).to(device)
+    detector = (build_detector(settings['detector_weights'], settings['seed'], settings['detector_size']).to(device)
+                if settings['regions'] == 'boxes' else None)
+    return trunk, detector
+
+
 def grid_cells() -> Tensor:
     """The 6x6 grid as boxes (36, 4) (x1, y1, x2, y2) in [0, 1]: cell r = row r // 6, column r % 6."""
     return torch.from_numpy(grid_boxes(R)).float()

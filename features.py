@@ -36,7 +36,7 @@ import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from extractor import DIM, NMS_IOU, RECIPE, R, build_detector, build_trunk, extract  # noqa: E402
+from extractor import DIM, NMS_IOU, RECIPE, R, build_models, extract  # noqa: E402
 from featstore import finish, open_partials, remove_partials, resume_point  # noqa: E402
 from imagefiles import LONG_CAP, Images, check_images, collate, read_names  # noqa: E402
 from progress import duration  # noqa: E402
@@ -163,9 +163,7 @@ def load_models(args, device, clock: Clock) -> tuple:
     if device.type == 'cuda':  # fp32 products and convolutions, the same algorithm every run (exact resume)
         util.set_precision('fp32')
         torch.backends.cudnn.deterministic = True
-    trunk = build_trunk(args.weights, args.seed).to(device)
-    detector = build_detector(args.detector_weights, args.seed, args.detector_size).to(device) if boxes else None
-    return trunk, detector
+    return build_models(vars(args), device)
 
 
 def main(argv=None, started=None):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import util
-from extractor import RECIPE, build_detector, build_trunk, extract
+from extractor import RECIPE, build_models, extract
 from featstore import fingerprint, read_record
 from imagefiles import Images
 
@@ -26,10 +26,7 @@ class Photos:
             return
         self.settings, self.max_pixels = record['settings'], record['max_pixels']
         try:  # the gallery's own weights: torchvision's (cached), a local file, or the seeded random ones
-            self.trunk = build_trunk(self.settings['weights'], self.settings['seed']).to(self.device)
-            if self.settings['regions'] == 'boxes':
-                self.detector = build_detector(self.settings['detector_weights'], self.settings['seed'],
-                                               self.settings['detector_size']).to(self.device)
+            self.trunk, self.detector = build_models(self.settings, self.device)
         except ValueError as e:
             self.why_not = f'the extractor that made {ims_path} cannot be loaded here ({e})'
             print(f'warning: uploads are off: {self.why_not}', file=log or sys.stderr, flush=True)

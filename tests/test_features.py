@@ -346,7 +346,7 @@ class FewBoxes(nn.Module):
 
 @pytest.mark.slow
 def test_boxes_mode_fills_free_slots_with_grid_cells(two, monkeypatch):
-    monkeypatch.setattr(features, 'build_detector', lambda *args: FewBoxes())
+    monkeypatch.setattr(extractor, 'build_detector', lambda *args: FewBoxes())
     features.main(argv(two / 'data', 'few', two / 'images', '--regions', 'boxes'))
     feats, boxes = ims(two / 'data', 'few'), ims(two / 'data', 'few', 'boxes')
     check_boxes(feats, boxes, 2)
