@@ -154,11 +154,14 @@ def bench_product(args, img: Side, caps: list, t_eval: float, device, cfg: Confi
 
     def matmul_gflops(y: Tensor) -> float:  # y @ y, best of 3
         return 2 * y.size(0) ** 3 / min(timed(lambda: y @ y, device, 3, burn_in=lambda: y @ y)[1]) / 1e9
-    peak32 = matmul_gflops(x)
-    y = x.to(dtype)
-    if dtype != torch.float32 and matmul_gflops(y[:1024, :1024]) < 10:  # a CPU without bf16 products: a
-        y = y[:1024, :1024].contiguous()  # 4096^3 product would take minutes here; 1024^3 gives its speed
-    peak = peak32 if dtype == torch.float32 else matmul_gflops(y)
+    peak32 = peak = matmul_gflops(x)
+    y = x
+    if dtype != torch.float32:  # a CPU without bf16 products takes minutes on 4096^3: 1024^3 gives its speed
+        y = x[:1024, :1024].to(dtype)
+        peak = matmul_gflops(y)
+        if peak >= 10:
+            y = x.to(dtype)
+            peak = matmul_gflops(y)
     gflops, n_pairs = flops / seconds / 1e9, sum(n_i * cap.emb.size(0) for n_i, cap in chunks)
     print(f'dominant product: {gflops:.0f} GFLOP/s = {100 * gflops / peak:.0f}% of torch.matmul ({peak:.0f} '
           f'GFLOP/s, {y.size(0)}^3 {dtype}); it takes {seconds:.1f} s = {100 * seconds / t_eval:.0f}% of the '

@@ -114,9 +114,10 @@ def _record_error(message: str):
 def stop(finished: bool = False):
     """Leave the process group (a no-op when none was joined or it was left already). A run that
     finished first waits at a barrier, so that no process tears gloo down and exits while another
-    still works (writes its checkpoint): a rank that left early once aborted at exit in CI ("terminate
-    called without an active exception", torch 2.14.1 on 2 loaded cores; not reproduced here in 42
-    runs, 27 of them under load). A failing run leaves at once: its peers see the connection close and fail in turn."""
+    still works (writes its checkpoint): a rank that left early once aborted at exit in CI
+    ("terminate called without an active exception", torch 2.14.1 on 2 loaded cores; not reproduced
+    here in 42 runs, 27 of them under load). A failing run leaves at once: its peers see the
+    connection close and fail in turn."""
     if dist.is_initialized():
         if finished:
             dist.barrier()
